@@ -1,0 +1,255 @@
+"""What the commands that run a model share: sampling and placement options, resolving MODEL,
+building the plan (the planner's, or the one the flags force), and loading the engine with a bar."""
+
+from __future__ import annotations
+
+import re
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Annotated
+
+import typer
+
+from moelocal import _output
+from moelocal.errors import DoesNotFitError, HubError, UsageError
+
+if TYPE_CHECKING:
+    from moelocal.engine import Engine, SamplingParams
+    from moelocal.gguf_model import ModelSummary
+    from moelocal.plan import Plan
+
+_PLACE = "Placement (default: what `moelocal fit` recommends)"
+_SAMPLE = "Sampling"
+
+TempOpt = Annotated[float, typer.Option("--temp", help="Temperature; 0 always takes the likeliest token.",
+                                        rich_help_panel=_SAMPLE)]
+TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: draw from the likeliest tokens "
+                                        "that make up this much probability.", rich_help_panel=_SAMPLE)]
+SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed: the same seed gives the same text. "
+                                             "Default: a new one each time.", rich_help_panel=_SAMPLE)]
+MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Stop after this many tokens.",
+                                           rich_help_panel=_SAMPLE)]
+IgnoreEosOpt = Annotated[bool, typer.Option("--ignore-eos", hidden=True,
+                                            help="Keep generating past end-of-turn tokens (benchmarks, tests).")]
+CtxOpt = Annotated[int | None, typer.Option("--ctx", "-c", help="Context length in tokens. Default: the "
+                                            "model's, up to 32768, reduced (and said so) only if it does not fit.")]
+ThreadsOpt = Annotated[int | None, typer.Option("--threads", "-t", help="CPU threads. Default: one per "
+                                                "physical core.")]
+PlanOpt = Annotated[str, typer.Option("--plan", help="auto: the placement `moelocal fit` recommends.",
+                                      rich_help_panel=_PLACE)]
+CpuMoeOpt = Annotated[bool, typer.Option("--cpu-moe", help="Keep every routed expert in RAM (llama.cpp --cpu-moe).",
+                                         rich_help_panel=_PLACE)]
+NCpuMoeOpt = Annotated[int | None, typer.Option("--n-cpu-moe", help="Keep the routed experts of the first N layers "
+                                                "in RAM (llama.cpp --n-cpu-moe).", rich_help_panel=_PLACE)]
+NglOpt = Annotated[int | None, typer.Option("--ngl", "-ngl", help="Layers to put on the GPU (llama.cpp -ngl).",
+                                            rich_help_panel=_PLACE)]
+ForceOpt = Annotated[bool, typer.Option("--force", help="Run a placement you forced even if moelocal "
+                                        "predicts it does not fit.", rich_help_panel=_PLACE)]
+KvTypeOpt = Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (the quantized "
+                                        "ones need flash attention).", rich_help_panel=_PLACE)]
+FlashAttnOpt = Annotated[bool, typer.Option("--flash-attn/--no-flash-attn", help="Use flash attention (on by "
+                                            "default, as llama.cpp's auto setting is on CPU, CUDA and Metal).",
+                                            rich_help_panel=_PLACE)]
+SystemOpt = Annotated[str | None, typer.Option("--system", "-s", help="A system message to start with.")]
+WorkerOpt = Annotated[list[str] | None, typer.Option(
+    "--worker", help="Also place layers on the devices of a `moelocal worker` on another machine, as HOST:PORT; "
+    "repeat for several.", rich_help_panel=_PLACE)]
+WorkerMemOpt = Annotated[list[str] | None, typer.Option(
+    "--worker-mem", help="Plan for this much memory on the workers' devices instead of what they report (4GiB); "
+    "repeat or comma-separate, one per device in --worker order.", rich_help_panel=_PLACE)]
+NetBwOpt = Annotated[str | None, typer.Option(
+    "--net-bw", help="Network bandwidth to the workers (1Gbit, 10Gbit, 1.25GB/s). Default: 1Gbit.",
+    rich_help_panel=_PLACE)]
+
+
+@dataclass(frozen=True)
+class PlacementFlags:
+    """The placement flags as given: all None/False means 'let the planner choose'."""
+
+    plan: str = "auto"
+    cpu_moe: bool = False
+    n_cpu_moe: int | None = None
+    ngl: int | None = None
+    force: bool = False
+    kv_type: str = "f16"
+    flash_attn: bool = True  # llama.cpp's "auto" turns it on wherever the backend has it
+    workers: tuple[str, ...] = ()  # HOST:PORT of RPC workers whose devices join the plan
+    worker_mem: tuple[str, ...] = ()
+    net_bw: str | None = None
+
+    @property
+    def forced(self) -> bool:
+        return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None
+
+
+def sampling(*, temp: float, top_p: float, seed: int | None, max_tokens: int, ignore_eos: bool = False,
+             stop: tuple[str, ...] = ()) -> SamplingParams:
+    from moelocal.engine import SamplingParams
+
+    return SamplingParams(temperature=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                          stop=stop).check()
+
+
+def resolve_model(text: str | None) -> tuple[Path, ModelSummary]:
+    """MODEL → (local file, its summary). A Hub reference is taken from the cache (pulled if missing)."""
+    from moelocal.gguf_model import read_summary
+    from moelocal.source import parse_ref
+
+    ref = parse_ref(text)
+    if ref.is_demo:
+        note(f"Using the bundled demo model ({ref.path.name}); give a .gguf path or org/repo for a real one.")
+    if ref.path is not None:
+        return ref.path, read_summary(ref.path)
+    from moelocal import hub  # imported late: pulls in huggingface_hub
+
+    try:
+        path = Path(hub.local_model(ref))
+    except HubError:
+        if not sys.stdin.isatty():
+            raise  # nobody to ask: the error says how to pull it
+        path = _pull_after_asking(ref)
+    return path, read_summary(path)
+
+
+def _pull_after_asking(ref) -> Path:
+    """A Hub model that is not downloaded yet: show what `pull` would fetch, ask, then fetch it."""
+    from moelocal import hub
+    from moelocal.commands import pull as pull_cmd
+
+    wanted = ref.quant
+    recommended = False
+    if wanted is None:
+        quants = hub.list_quants(ref)
+        recommended = len(quants) > 1
+        wanted = pull_cmd.recommended_quant(ref) if recommended else quants[0].name
+    download = hub.plan_download(ref, wanted)
+    pull_cmd.show_plan(download, recommended)
+    if download.to_download:
+        typer.confirm(f"Download {_output.human_bytes(download.to_download)} now?", default=True, abort=True,
+                      err=True)
+    return Path(pull_cmd.fetch(download)[0])
+
+
+def build_plan(summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None, threads: int | None,
+               n_seq: int = 1, hw=None) -> Plan:
+    """The plan for this run: the planner's choice, or the placement the flags force, checked against memory.
+
+    ``ctx`` is per sequence; with ``n_seq`` parallel sequences the KV cache holds ``ctx * n_seq`` tokens.
+    """
+    from moelocal import hardware, planner
+    from moelocal.plan import RunOptions
+
+    if flags.plan != "auto":
+        raise UsageError(f"unknown --plan {flags.plan!r}", "use --plan auto, or force a placement with --cpu-moe, "
+                         "--n-cpu-moe N or --ngl N")
+    if flags.cpu_moe and flags.n_cpu_moe is not None:
+        raise UsageError("--cpu-moe and --n-cpu-moe contradict each other", "give one of them")
+    if flags.ngl is not None and flags.ngl < 0:
+        raise UsageError(f"--ngl must be 0 or more, got {flags.ngl}")
+    if flags.kv_type not in ("f16", "q8_0", "q4_0", "f32", "bf16"):
+        raise UsageError(f"unknown --kv-type {flags.kv_type!r}", "use f16, q8_0 or q4_0")
+    if ctx is not None and ctx <= 0:
+        raise UsageError(f"--ctx must be positive, got {ctx}")
+    if threads is not None and threads <= 0:
+        raise UsageError(f"--threads must be positive, got {threads}")
+    per_seq = ctx if ctx is not None else planner.default_ctx(summary)
+    options = RunOptions(n_ctx=per_seq * n_seq, n_seq=n_seq, kv_type=flags.kv_type, flash_attn=flags.flash_attn,
+                         n_threads=threads, n_batch=2048, n_ubatch=512)
+    hw = hw if hw is not None else hardware.detect()
+    if (flags.worker_mem or flags.net_bw) and not flags.workers:
+        raise UsageError("--worker-mem and --net-bw describe workers", "add --worker HOST:PORT")
+    if flags.workers and not hw.workers:
+        from moelocal import rpc
+
+        hw = rpc.with_workers(hw, flags.workers, mem=flags.worker_mem, net_bw=flags.net_bw)
+    if flags.forced and not hw.gpus:
+        if flags.ngl:
+            warn(f"--ngl {flags.ngl}: there is no GPU here, so every layer runs on the CPU")
+        if flags.cpu_moe or flags.n_cpu_moe:
+            note("No GPU here: the experts are in RAM with everything else.")
+    plan = planner.plan_model(summary, hw, options, n_gpu_layers=flags.ngl, n_cpu_moe=flags.n_cpu_moe,
+                              cpu_moe=flags.cpu_moe, ctx_requested=ctx is not None)
+    if not plan.fits:
+        short = ", ".join(f"{_output.human_bytes(n)} more {'RAM' if d == 'cpu' else 'memory on ' + d.upper()}"
+                          for d, n in plan.shortfall().items())
+        msg = f"the placement you asked for does not fit {summary.name}: it needs {short or 'more memory'}"
+        if not flags.force:
+            raise DoesNotFitError(msg, "drop the placement flags to let moelocal choose, or add --force to try")
+        warn(msg + "; trying anyway (--force)")
+    for text in plan.notes:
+        warn(text)
+    p = plan.placement
+    if flags.workers and not flags.forced and not (p.n_gpu_layers and any(d.startswith("rpc") for d in p.devices)):
+        note("The plan leaves the workers unused: for this model, handing layers over the network would be slower.")
+    return plan
+
+
+def open_engine(model: str | None, flags: PlacementFlags, *, ctx: int | None, threads: int | None,
+                n_seq: int = 1) -> tuple[Engine, ModelSummary]:
+    """Resolve MODEL, plan it and load it, with a progress bar and any memory warnings on stderr."""
+    path, summary = resolve_model(model)
+    return load_engine(path, summary, flags, ctx=ctx, threads=threads, n_seq=n_seq), summary
+
+
+def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None, threads: int | None,
+                n_seq: int = 1, hw=None) -> Engine:
+    """Plan a resolved model and load it (see open_engine)."""
+    from moelocal import config, native
+    from moelocal.engine import Engine
+
+    plan = build_plan(summary, flags, ctx=ctx, threads=threads, n_seq=n_seq, hw=hw)
+    if config.debug():
+        native.set_log_echo(lambda _level, line: sys.stderr.write(line + "\n"))
+    label = plan.placement.describe(summary.n_layer)
+    engine = _load_with_bar(Engine, path, plan, f"Loading {summary.name} ({label})", workers=flags.workers)
+    for d in engine.deviations():
+        where = "RAM" if d.device == "cpu" else d.device.upper()
+        warn(f"llama.cpp allocated {_output.human_bytes(d.measured)} of {where} where the plan expected "
+                     f"{_output.human_bytes(d.planned)}; `moelocal fit` may misjudge this model")
+    return engine
+
+
+def _load_with_bar(engine_cls, path: Path, plan: Plan, label: str, workers: tuple[str, ...] = ()) -> Engine:
+    if not _output.err.is_terminal:
+        return engine_cls.load(path, plan, workers=workers)
+    from rich.progress import BarColumn, Progress, TaskProgressColumn, TextColumn
+
+    with Progress(TextColumn("{task.description}"), BarColumn(), TaskProgressColumn(), console=_output.err,
+                  transient=True) as bar:
+        task = bar.add_task(label, total=1.0)
+        return engine_cls.load(path, plan, progress=lambda f: bar.update(task, completed=f), workers=workers)
+
+
+def status_line(engine: Engine, summary: ModelSummary, last, context_used: int | None = None) -> str:
+    """'24 tokens · 41.2 tok/s · prompt 310 tok/s · experts in RAM · ctx 512/4096' for people."""
+    parts = [f"{last.completion_tokens} tokens"]
+    if last.generation_tps:
+        parts.append(f"{last.generation_tps:.1f} tok/s")
+    if last.prompt_tps:
+        parts.append(f"prompt {last.prompt_tps:.0f} tok/s")
+    parts.append(f"experts in {engine.expert_location(summary.n_layer)}" if summary.is_moe else "dense model")
+    if context_used is not None:
+        parts.append(f"ctx {context_used}/{engine.n_ctx_seq}")
+    return " · ".join(parts)
+
+
+def note(message: str) -> None:
+    """A dim line on stderr; the text is shown as is (rich would take "[stopped]" for markup)."""
+    from rich.markup import escape
+
+    _output.note(escape(message))
+
+
+def warn(message: str) -> None:
+    from rich.markup import escape
+
+    _output.warn(escape(message))
+
+
+_CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
+
+
+def for_terminal(text: str) -> str:
+    """Model output with control characters removed: an ESC from a model must not drive the terminal."""
+    return _CONTROL.sub("", text)

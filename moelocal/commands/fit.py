@@ -1,0 +1,179 @@
+"""`moelocal fit`: does the model fit here, where should each tensor live, how fast will it run."""
+
+from __future__ import annotations
+
+import shlex
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.table import Table
+
+from moelocal import _output
+from moelocal.commands._common import JsonOpt, hardware_options, load_summaries
+from moelocal.commands._run import NetBwOpt, WorkerMemOpt, WorkerOpt
+from moelocal.errors import UsageError
+from moelocal.plan import CPU, RunOptions
+
+EXIT_NO_FIT = 3
+
+
+def fit(
+    model: Annotated[
+        list[str] | None,
+        typer.Argument(
+            help="A .gguf file, a folder of .gguf files, several files (one model in several quantizations), "
+            "or a Hugging Face repo org/name[:QUANT]. Omitted: the bundled demo model.",
+            show_default=False,
+        ),
+    ] = None,
+    ctx: Annotated[int | None, typer.Option("--ctx", "-c", help="Context length. Default: the model's, up to "
+                                            "32768, reduced (and said so) only if nothing fits.")] = None,
+    ubatch: Annotated[int, typer.Option("--ubatch", "-ub", help="Physical batch size (llama.cpp -ub).")] = 512,
+    kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0.")] = "f16",
+    flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn",
+                                             help="Plan for flash attention (on by default).")] = True,
+    vram: Annotated[list[str] | None, typer.Option("--vram", help="Plan for GPUs with this much memory: "
+                                                   "repeat or comma-separate for several (24GiB,12GiB).")] = None,
+    ram: Annotated[str | None, typer.Option("--ram", help="Plan for this much free RAM (64GiB).")] = None,
+    no_gpu: Annotated[bool, typer.Option("--no-gpu", help="Plan for the CPU alone.")] = False,
+    gpu_bw: Annotated[str | None, typer.Option("--gpu-bw", help="GPU memory bandwidth (936GB/s).")] = None,
+    cpu_bw: Annotated[str | None, typer.Option("--cpu-bw", help="CPU memory bandwidth (80GB/s).")] = None,
+    worker: WorkerOpt = None,
+    worker_mem: WorkerMemOpt = None,
+    net_bw: NetBwOpt = None,
+    json: JsonOpt = False,
+) -> None:
+    """Plan a model for this machine (or one you describe) before you download or run it.
+
+    Prices every placement llama.cpp can do (all on the GPU, the experts of the first N layers in
+    RAM, fewer GPU layers, CPU only, from disk) against the memory of each device, predicts
+    tokens/s for each, and recommends the fastest that fits. Prints the llama.cpp flags for it.
+
+    With --worker HOST:PORT, the devices of a `moelocal worker` on another machine join the plan
+    (as rpc0, rpc1 ...) with the memory they report; layers handed over to them cost a network
+    round trip each, at --net-bw.
+
+    Exit codes: 0 a plan fits, 3 nothing fits, 2 bad input, 4 Hub errors, 6 a worker cannot be reached.
+
+    With several quantizations (a folder, several files or a repo), it recommends the one with the
+    most bits per weight whose best plan fits and decodes at least 8 tokens/s; if none is that fast,
+    the fastest that fits.
+
+    Examples:
+
+      moelocal fit Qwen3-30B-A3B-Q4_K_M.gguf
+
+      moelocal fit model.gguf --vram 24GiB --ram 64GiB --ctx 32768
+
+      moelocal fit ./quants/ --vram 12GiB,12GiB --json
+
+      moelocal fit model.gguf --worker 192.168.1.20:50052 --net-bw 10Gbit
+    """
+    from moelocal import planner
+
+    if kv_type not in ("f16", "q8_0", "q4_0", "f32", "bf16"):
+        raise UsageError(f"unknown --kv-type {kv_type!r}", "use f16, q8_0 or q4_0")
+    if ubatch <= 0:
+        raise UsageError(f"--ubatch must be positive, got {ubatch}")
+    hw = hardware_options(vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
+                          worker_mem=worker_mem, net_bw=net_bw)
+    summaries = load_summaries(model)
+    results = []
+    for s in summaries:
+        n_ctx = ctx if ctx is not None else planner.default_ctx(s)
+        options = RunOptions(n_ctx=n_ctx, n_ubatch=ubatch, n_batch=max(ubatch, 2048), kv_type=kv_type,
+                             flash_attn=flash_attn)
+        results.append(planner.fit(s, hw, options, ctx_requested=ctx is not None))
+    chosen = planner.rank_quants(summaries, results) if len(results) > 1 else (0 if results[0].best else None)
+    if json:
+        if len(results) == 1:
+            _output.print_json(results[0].to_dict())
+        else:
+            _output.print_json({"models": [r.to_dict() for r in results], "recommended_model": chosen})
+    else:
+        if len(results) > 1:
+            render_ranking(results, chosen)
+        for r in results if len(results) == 1 else ([results[chosen]] if chosen is not None else []):
+            render(r)
+    if chosen is None:
+        raise typer.Exit(EXIT_NO_FIT)
+
+
+def render_ranking(results, chosen) -> None:
+    table = Table(title="quantizations", title_justify="left")
+    for col in ("", "file", "type", "bits/w", "size", "verdict", "tok/s"):
+        table.add_column(col, justify="right" if col in ("bits/w", "size", "tok/s") else "left")
+    for i, r in enumerate(results):
+        s = r.summary
+        tps = f"{r.best.predicted.decode_tps:.1f}" if r.best else "-"
+        table.add_row("→" if i == chosen else "", Path(s.files[0]).name, s.quantization, f"{s.bits_per_weight:.2f}",
+                      _output.human_bytes(s.file_size), r.verdict(), tps)
+    _output.out.print(table)
+
+
+def render(result) -> None:
+    hb = _output.human_bytes
+    s, hw = result.summary, result.hardware
+    out = _output.out
+    gpus = ", ".join(f"{n.upper()} {g.name} {hb(g.free)} free" if g.remote else f"{g.name} {hb(g.free)} free"
+                     for n, g in zip(hw.gpu_names, hw.gpus, strict=True)) or "no GPU"
+    out.print(f"[bold]{s.name}[/bold] ({s.architecture}, {s.quantization}, {hb(s.file_size)})")
+    out.print(f"machine: {hw.cpu_name}, {hb(hw.ram_available)} RAM available; {gpus}"
+              + (f"  [dim](overridden: {', '.join(hw.overridden)})[/dim]" if hw.overridden else ""))
+    devices = [CPU, *hw.gpu_names]
+    table = Table(title_justify="left")
+    table.add_column("")
+    table.add_column("placement", no_wrap=True)
+    for d in devices:
+        table.add_column("RAM" if d == CPU else d.upper(), justify="right", no_wrap=True)
+    table.add_column("decode tok/s", justify="right", no_wrap=True)
+    table.add_column("prompt tok/s", justify="right", no_wrap=True)
+    table.add_column("verdict")
+    for i, p in enumerate(result.plans):
+        cells = []
+        for d in devices:
+            m = p.memory.get(d)
+            if m is None or m.total == 0:
+                cells.append("-")
+            else:
+                over = m.total > p.budget.get(d, 0)
+                cells.append(f"[red]{hb(m.total)}[/red]" if over else hb(m.total))
+        verdict = "fits" if p.fits else ("from disk" if p.placement.from_disk else "too big")
+        table.add_row("→" if i == result.recommended else "", p.placement.describe(s.n_layer), *cells,
+                      f"{p.predicted.decode_tps:.1f}", f"{p.predicted.prefill_tps:.0f}", verdict)
+    out.print(table)
+    budget = result.plans[0].budget if result.plans else {}
+    out.print("budget (after margin): " + ", ".join(f"{'RAM' if d == CPU else d.upper()} {hb(b)}"
+                                                     for d, b in budget.items()))
+    for note in result.notes:
+        _output.warn(note)
+    out.print(f"[bold]verdict:[/bold] {s.name} {result.verdict()}")
+    if result.best is not None:
+        from moelocal.planner import llama_cpp_flags
+
+        best = result.best
+        mem = "; ".join(
+            f"{'RAM' if d == CPU else d.upper()}: weights {hb(m.weights)}, KV {hb(m.kv)}, compute {hb(m.compute)}"
+            + (f", overhead {hb(m.overhead)}" if m.overhead else "")
+            for d, m in best.memory.items() if m.total
+        )
+        out.print(f"memory: {mem}")
+        out.print(f"llama.cpp: llama-server {_model_flag(s)} "
+                  + " ".join(shlex.quote(f) for f in llama_cpp_flags(best, hw)))
+
+
+def _model_flag(s) -> str:
+    """-m PATH for a local file; -hf org/repo:QUANT for a model planned from the Hub's headers."""
+    first = s.files[0]
+    if Path(first).exists() or first.count("/") < 2:
+        return "-m " + shlex.quote(first)
+    from moelocal.hub import quant_name
+
+    repo = "/".join(first.split("/", 2)[:2])
+    quant = quant_name(first.split("/", 2)[2])
+    return "-hf " + shlex.quote(f"{repo}:{quant}" if quant else repo)
+
+
+def register(app: typer.Typer) -> None:
+    app.command("fit")(fit)

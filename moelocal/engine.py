@@ -1,0 +1,861 @@
+"""The engine: load a model with a Plan, then generate as a stream of small records.
+
+Loading applies the plan exactly as `fit` computed it (GPU layers, expert overrides, devices, split,
+context, KV type, flash attention, batch sizes, threads) through llama.cpp's own C API, then reads
+back what llama.cpp says it allocated. Generation yields ``Chunk`` records: chat, generate, batch
+(and a server) only consume them. Nothing here prints.
+"""
+
+from __future__ import annotations
+
+import codecs
+import ctypes
+import json
+import os
+import random
+import time
+from collections import Counter
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from moelocal import native
+from moelocal.errors import EngineError, UsageError
+from moelocal.plan import DeviceMemory, Plan
+
+# ChatML: the fallback when a model carries no chat template of its own.
+CHATML_TEMPLATE = (
+    "{% for message in messages %}"
+    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
+# Buffers llama.cpp reports may differ from the plan by this share before anyone is warned
+# (the planner keeps the same share of every device free), and always by this many bytes: the
+# log rounds to 0.01 MiB and small models have fixed costs the memory model does not itemize.
+MEMORY_MARGIN = 0.05
+MEMORY_SLACK = 64 << 20
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How tokens are drawn. ``temperature <= 0`` is greedy; ``seed=None`` draws a random seed."""
+
+    temperature: float = 0.8
+    top_p: float = 0.95
+    top_k: int = 40
+    min_p: float = 0.05
+    seed: int | None = None
+    max_tokens: int = 512
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
+
+    def check(self) -> SamplingParams:
+        """The same params, or a UsageError naming the value that is out of range."""
+        if self.max_tokens < 1:
+            raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}")
+        if not 0.0 < self.top_p <= 1.0:
+            raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
+        if self.temperature < 0:
+            raise UsageError(f"temperature must be 0 or more, got {self.temperature}")
+        if not 0.0 <= self.min_p <= 1.0:
+            raise UsageError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.seed is not None and not 0 <= self.seed < 2**32 - 1:
+            raise UsageError(f"seed must be in [0, 2^32 - 2], got {self.seed}")
+        return self
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One step of generation: the text it added and the counters so far.
+
+    ``finish_reason`` is None until the last record of a request: then "stop" (end of turn or a
+    stop string), "length" (max_tokens or the context is full), "cancelled" (generate_many's cancel
+    hook) or "error" (``text`` says why).
+    ``index`` tells requests apart when several run at once.
+    """
+
+    text: str
+    index: int = 0
+    prompt_tokens: int = 0
+    cached_tokens: int = 0  # prompt tokens reused from the previous request's KV cache
+    completion_tokens: int = 0
+    prompt_seconds: float = 0.0  # processing the prompt, up to the first token's logits
+    generation_seconds: float = 0.0  # from then to this record
+    finish_reason: str | None = None
+    seed: int | None = None
+
+    @property
+    def done(self) -> bool:
+        return self.finish_reason is not None
+
+    @property
+    def prompt_tps(self) -> float:
+        n = self.prompt_tokens - self.cached_tokens
+        return n / self.prompt_seconds if self.prompt_seconds > 0 else 0.0
+
+    @property
+    def generation_tps(self) -> float:
+        # the first token came with the prompt's logits: the generation phase decoded the others
+        n = self.completion_tokens - 1
+        return n / self.generation_seconds if self.generation_seconds > 0 and n > 0 else 0.0
+
+    @property
+    def seconds(self) -> float:
+        return self.prompt_seconds + self.generation_seconds
+
+
+@dataclass(frozen=True)
+class Deviation:
+    """A device where llama.cpp allocated noticeably more or less than the plan said."""
+
+    device: str
+    planned: int
+    measured: int
+
+    @property
+    def ratio(self) -> float:
+        return self.measured / self.planned if self.planned else float("inf")
+
+
+# ---- small pure helpers ----------------------------------------------------------------------
+
+
+def default_threads() -> int:
+    """llama.cpp's own default: one thread per physical core."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+def extra_bufts_default(cpu_extra_bufts: Sequence[str]) -> bool:
+    """Whether llama.cpp may repack CPU weights into its extra buffer types, given the ones it has.
+
+    Repacking is llama.cpp's own default and pays on CPUs without AMX (Q4_0 on AVX-512 measured
+    1.5x faster prompts and 1.3-1.4x faster generation with scripts/bench_engine.py
+    --ab-extra-bufts; F16 and Q8_0 are not repacked there and ran the same). But llama.cpp 0.3.36's
+    AMX buffer type crashes on any batch of two or more tokens, so where it exists: off.
+    """
+    return "AMX" not in cpu_extra_bufts
+
+
+def measured_memory(
+    report: native.BufferReport, buft_devices: Mapping[str, str] | None = None
+) -> dict[str, DeviceMemory]:
+    """Bytes per plan device from llama.cpp's buffer report, in the plan's categories."""
+    acc: dict[str, dict[str, int]] = {}
+    field_of = {"model": "weights", "kv": "kv", "rs": "kv", "compute": "compute", "output": "output"}
+    for b in report.buffers:
+        dev = native.buffer_device(b.name, dict(buft_devices or {}))
+        slot = acc.setdefault(dev, {})
+        key = field_of[b.kind]
+        slot[key] = slot.get(key, 0) + b.bytes
+    return {d: DeviceMemory(**v) for d, v in acc.items()}
+
+
+def compare_memory(
+    planned: Mapping[str, DeviceMemory],
+    measured: Mapping[str, DeviceMemory],
+    margin: float = MEMORY_MARGIN,
+    slack: int = MEMORY_SLACK,
+) -> list[Deviation]:
+    """Devices whose allocations differ from the plan by more than the margin.
+
+    The plan's ``overhead`` (driver context, fragmentation) is something llama.cpp never reports,
+    so it is left out of the comparison.
+    """
+    out = []
+    for dev in sorted(set(planned) | set(measured)):
+        p = planned.get(dev, DeviceMemory())
+        m = measured.get(dev, DeviceMemory())
+        want = p.total - p.overhead
+        got = m.total - m.overhead
+        if abs(got - want) > max(margin * want, slack):
+            out.append(Deviation(dev, want, got))
+    return out
+
+
+def fit_messages(
+    messages: Sequence[Mapping[str, str]], count: Callable[[Sequence[Mapping[str, str]]], int], limit: int
+) -> tuple[list[dict[str, str]], int]:
+    """Drop the oldest turns (never the system message, never the last message) until the rendered
+    conversation takes at most ``limit`` tokens. Returns (messages, how many were dropped)."""
+    msgs = [dict(m) for m in messages]
+    dropped = 0
+    while count(msgs) > limit:
+        first = 1 if msgs and msgs[0].get("role") == "system" else 0
+        if len(msgs) - first <= 1:
+            break  # only the newest message is left: nothing more to drop
+        # drop a whole exchange (user + assistant) so roles keep alternating
+        n = 2 if len(msgs) - first > 2 and msgs[first + 1].get("role") == "assistant" else 1
+        del msgs[first : first + n]
+        dropped += n
+    return msgs, dropped
+
+
+# ---- chat templates --------------------------------------------------------------------------
+
+
+def render_template(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
+                    bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
+    """Render a Hugging Face style chat template in Jinja's immutable sandbox (templates come with
+    downloaded models: they must not reach Python objects or mutate anything)."""
+    import jinja2
+
+    try:
+        tmpl = _jinja_env().from_string(template)
+        return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
+                           bos_token=bos_token, eos_token=eos_token, **extra)
+    except jinja2.TemplateError as exc:  # syntax errors, raise_exception(), sandbox violations
+        raise EngineError(f"the model's chat template failed: {exc}",
+                          "the GGUF's tokenizer.chat_template is broken; report it to the model's authors") from None
+
+
+_ENV = None
+
+
+def _jinja_env():
+    global _ENV
+    if _ENV is None:
+        import jinja2
+        from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+        def raise_exception(message: str) -> None:
+            raise jinja2.TemplateError(message)
+
+        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
+            # transformers' tojson: plain JSON, not HTML-escaped (templates render tool schemas with it)
+            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
+
+        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
+        env.globals["raise_exception"] = raise_exception
+        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+        env.filters["tojson"] = tojson
+        _ENV = env
+    return _ENV
+
+
+# ---- the engine ------------------------------------------------------------------------------
+
+
+class _Stream:
+    """Turns sampled tokens into text: UTF-8 split across tokens, end of generation, stop strings."""
+
+    __slots__ = ("is_end", "to_bytes", "decode", "params", "held", "n", "finish", "stops")
+
+    def __init__(self, engine: Engine, params: SamplingParams) -> None:
+        vocab, is_eog = engine._vocab, engine._is_eog
+        self.is_end = (lambda token: False) if params.ignore_eos else (lambda token: is_eog(vocab, token))
+        self.to_bytes = engine.token_bytes
+        self.decode = codecs.getincrementaldecoder("utf-8")("replace").decode
+        self.params = params  # max_tokens is read at every token (moelocal.server cancels through it)
+        self.held = ""  # text that might be the start of a stop string
+        self.n = 0
+        self.finish: str | None = None
+        self.stops = tuple(s for s in params.stop if s)
+
+    def feed(self, token: int) -> str:
+        """Text this token adds (maybe ""), setting ``finish`` when generation should end."""
+        if self.is_end(token):
+            self.finish = "stop"
+            return self.flush()
+        self.n += 1
+        text = self.decode(self.to_bytes(token))
+        if self.stops:
+            text = self.held + text
+            for s in self.stops:
+                i = text.find(s)
+                if i >= 0:
+                    self.finish = "stop"
+                    self.held = ""
+                    return text[:i]
+            keep = _stop_prefix_len(text, self.stops)
+            self.held = text[len(text) - keep :] if keep else ""
+            text = text[: len(text) - keep] if keep else text
+        if self.n >= self.params.max_tokens:
+            self.finish = "length"
+            text += self.flush()
+        return text
+
+    def flush(self) -> str:
+        out = self.held + self.decode(b"", final=True)
+        self.held = ""
+        return out
+
+
+def _stop_prefix_len(text: str, stops: Sequence[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of a stop string."""
+    best = 0
+    for s in stops:
+        for k in range(min(len(s) - 1, len(text)), best, -1):
+            if s.startswith(text[-k:]):
+                best = k
+                break
+    return best
+
+
+# What generate_many runs: (prompt, params) or (prompt, params, cancelled).
+Request = tuple
+
+
+@dataclass
+class _Slot:
+    """One request in a multi-sequence run."""
+
+    index: int
+    seq: int
+    prompt: list[int]
+    params: SamplingParams
+    sampler: Any
+    stream: _Stream
+    seed: int
+    fed: int = 0  # prompt tokens sent to llama_decode so far
+    pos: int = 0
+    pending: int | None = None  # sampled token still to be decoded
+    logit_row: int = -1  # where this request's logits sit in the last batch
+    t0: float = field(default_factory=time.perf_counter)
+    t_prompt: float = 0.0
+    cancelled: Callable[[], bool] | None = None
+
+
+class Engine:
+    """A loaded model and its context. Use ``Engine.load(path, plan)``; close it (or use ``with``)."""
+
+    def __init__(self) -> None:  # built by load()
+        self.model = None
+        self.ctx = None
+        self.plan: Plan
+        self.path: Path
+        self.report = native.BufferReport()
+        self.extra_bufts = False
+        self.buffer_devices: dict[str, str] = {}
+        self.workers: tuple[str, ...] = ()
+        self._live = False
+        self._arrays: native.NativeArrays | None = None
+        self._cached: list[int] | None = []  # tokens in sequence 0's KV cache (None: unknown)
+        self._template: str | None = None
+        self._piece = ctypes.create_string_buffer(256)
+
+    # ---- loading -----------------------------------------------------------------------------
+
+    @classmethod
+    def load(
+        cls,
+        path: str | os.PathLike[str],
+        plan: Plan,
+        *,
+        extra_bufts: bool | None = None,
+        progress: Callable[[float], None] | None = None,
+        workers: Sequence[str] = (),
+    ) -> Engine:
+        """Load ``path`` (any shard of a split set: llama.cpp finds the rest) placed as ``plan`` says.
+
+        ``extra_bufts`` lets llama.cpp repack CPU weights into its extra buffer types (CPU_REPACK,
+        AMX); None decides by :func:`extra_bufts_default` (off where the AMX one exists, and for
+        plans that page weights in from disk). ``progress`` is called with 0..1 while loading.
+        ``workers`` are the RPC workers (host:port) whose devices the plan calls rpc0, rpc1 ...,
+        in the order the plan was made with (see hardware.with_workers).
+        """
+        lc = native.llama()
+        native.install_log()
+        _backend_init()
+        self = cls()
+        self.path = Path(path)
+        self.plan = plan
+        p, o = plan.placement, plan.options
+        if extra_bufts is None:
+            extra_bufts = not p.from_disk and extra_bufts_default(native.cpu_extra_buffer_types())
+        self.extra_bufts = extra_bufts
+        _check_options(plan)
+        on_gpu = bool(p.devices) and p.n_gpu_layers > 0
+        # workers only when the plan uses them: connecting is not free, and each serves one client
+        remote = on_gpu and any(d.startswith("rpc") for d in p.devices)
+        named, remote_bufts, self.workers = _connect_workers(workers if remote else ())
+        mp, self._arrays = native.model_params(p, extra_bufts=extra_bufts, named=named)
+
+        def on_progress(value: float, _user: ctypes.c_void_p) -> bool:
+            if progress is not None:
+                try:
+                    progress(float(value))
+                except Exception:  # never unwind into C; a broken bar must not abort the load
+                    pass
+            return True
+
+        cb = lc.llama_progress_callback(on_progress)
+        mp.progress_callback = cb
+        with native.capture_log() as lines:
+            self.model = lc.llama_model_load_from_file(os.fsencode(self.path), mp)
+            if not self.model:
+                why = native.last_error(lines) or "see MOELOCAL_DEBUG=1 for llama.cpp's log"
+                raise EngineError(f"llama.cpp could not load {self.path.name}: {why}",
+                                  "check that the file is a complete GGUF model this llama.cpp supports")
+            self._vocab = lc.llama_model_get_vocab(self.model)
+            threads = o.n_threads or default_threads()
+            cp = native.context_params(o, threads)
+            self.ctx = lc.llama_init_from_model(self.model, cp)
+            if not self.ctx:
+                why = native.last_error(lines) or "see MOELOCAL_DEBUG=1 for llama.cpp's log"
+                self.close()
+                raise EngineError(f"llama.cpp could not create a context for {self.path.name}: {why}",
+                                  "try a smaller --ctx")
+        self.report = native.parse_buffer_report(lines)
+        self.buffer_devices = {**native.buffer_type_devices(), **remote_bufts}
+        if self.workers:
+            _LIVE_WORKERS.update(self.workers)
+            self._live = True
+            from moelocal import rpc
+
+            rpc.keep_alive(self.workers)
+        self._mem = lc.llama_get_memory(self.ctx)
+        self.n_ctx = lc.llama_n_ctx(self.ctx)
+        self.n_seq_max = lc.llama_n_seq_max(self.ctx)
+        self.n_ctx_seq = lc.llama_n_ctx_seq(self.ctx)  # n_ctx / n_seq_max: each sequence's own stream
+        self.n_batch = lc.llama_n_batch(self.ctx)
+        self.n_threads = threads
+        # bound once: generation calls these per token
+        self._is_eog = lc.llama_vocab_is_eog
+        self._to_piece = lc.llama_token_to_piece
+        self._decode = lc.llama_decode
+        self._sample = lc.llama_sampler_sample
+        self._batch_one = lc.llama_batch_get_one
+        return self
+
+    def close(self) -> None:
+        lc = native.llama()
+        if self.ctx:
+            lc.llama_free(self.ctx)
+            self.ctx = None
+        if self.model:
+            lc.llama_model_free(self.model)
+            self.model = None
+        self._arrays = None  # only now may the override strings go
+        if self._live:  # llama.cpp has closed its connections to the workers with the last buffer
+            _LIVE_WORKERS.subtract(self.workers)
+            self._live = False
+
+    def __enter__(self) -> Engine:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def __del__(self) -> None:
+        try:
+            self.close()
+        except Exception:
+            pass
+
+    # ---- what was loaded ---------------------------------------------------------------------
+
+    @property
+    def overridden(self) -> tuple[tuple[str, str], ...]:
+        """(tensor, buffer type) for every tensor a plan override moved, as llama.cpp logged it."""
+        return self.report.overridden
+
+    @property
+    def memory(self) -> dict[str, DeviceMemory]:
+        """What llama.cpp allocated per plan device (weights, KV, compute, output)."""
+        return measured_memory(self.report, self.buffer_devices)
+
+    def deviations(self, margin: float = MEMORY_MARGIN, slack: int = MEMORY_SLACK) -> list[Deviation]:
+        """Devices where llama.cpp's buffers differ from the plan by more than the margin."""
+        return compare_memory(self.plan.memory, self.memory, margin, slack)
+
+    def expert_location(self, n_layer: int) -> str:
+        """Where the routed experts live, for people: 'RAM', 'GPU', 'RAM (12 of 48 layers) + GPU'.
+
+        A layer's experts are in RAM when llama.cpp moved them there (its log) or the layer is not
+        offloaded at all (the plan's -ngl, by llama.cpp's rule in layout.layer_devices)."""
+        from moelocal import layout
+
+        p = self.plan.placement
+        if not p.devices or p.n_gpu_layers == 0:
+            return "RAM (CPU only)"
+        on_cpu = layout.layer_devices(n_layer, p)
+        in_ram = {il for il in range(n_layer) if on_cpu[il] == "cpu"}
+        in_ram |= {int(t.split(".")[1]) for t, _ in self.overridden if t.startswith("blk.") and "_exps" in t}
+        remote = [d.startswith("rpc") for d in p.devices]
+        other = "worker" if all(remote) else ("GPU + worker" if any(remote) else "GPU")
+        if len(in_ram) >= n_layer:
+            return "RAM"
+        if in_ram:
+            return f"RAM ({len(in_ram)} of {n_layer} layers) + {other}"
+        return other
+
+    # ---- tokens ------------------------------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        lc = native.llama()
+        raw = text.encode("utf-8")
+        cap = len(raw) + 8
+        buf = (lc.llama_token * cap)()
+        n = lc.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        if n < 0:
+            cap = -n
+            buf = (lc.llama_token * cap)()
+            n = lc.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
+        return list(buf[:n])
+
+    def token_bytes(self, token: int) -> bytes:
+        n = self._to_piece(self._vocab, token, self._piece, 256, 0, False)
+        if n < 0:
+            big = ctypes.create_string_buffer(-n)
+            n = self._to_piece(self._vocab, token, big, -n, 0, False)
+            return big[:n]
+        return self._piece[:n]
+
+    def detokenize(self, tokens: Iterable[int]) -> str:
+        return b"".join(self.token_bytes(t) for t in tokens).decode("utf-8", "replace")
+
+    def _token_text(self, token: int) -> str:
+        lc = native.llama()
+        if token < 0:
+            return ""
+        return (lc.llama_vocab_get_text(self._vocab, token) or b"").decode("utf-8", "replace")
+
+    # ---- chat --------------------------------------------------------------------------------
+
+    @property
+    def chat_template(self) -> str:
+        """The model's own template (tokenizer.chat_template), or ChatML when it has none."""
+        if self._template is None:
+            raw = native.llama().llama_model_chat_template(self.model, None)
+            self._template = raw.decode("utf-8", "replace") if raw else CHATML_TEMPLATE
+        return self._template
+
+    @property
+    def has_own_template(self) -> bool:
+        return self.chat_template != CHATML_TEMPLATE
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
+        lc = native.llama()
+        return render_template(
+            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
+            eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
+        )
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+        """The conversation rendered by the template and tokenized, with one BOS at most."""
+        text = self.render_chat(messages)
+        tokens = self.tokenize(text, add_special=True, parse_special=True)
+        bos = native.llama().llama_vocab_bos(self._vocab)
+        if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
+            tokens = tokens[1:]  # the template wrote the BOS and the tokenizer added another
+        return tokens
+
+    def chat(self, messages: Sequence[Mapping[str, Any]], params: SamplingParams = SamplingParams()) -> Iterator[Chunk]:
+        return self.generate(self.chat_tokens(messages), params)
+
+    # ---- one sequence ------------------------------------------------------------------------
+
+    def reset(self) -> None:
+        """Forget the KV cache (the next prompt is processed from scratch)."""
+        native.llama().llama_memory_clear(self._mem, False)  # the cells, not the bytes: no need to zero them
+        self._cached = []
+
+    def generate(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[Chunk]:
+        """Stream one completion in sequence 0, reusing the KV cache for a prompt that starts like
+        the previous one (a chat's earlier turns are not processed again)."""
+        params.check()
+        tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+        if not tokens:
+            raise UsageError("the prompt is empty")
+        if len(tokens) >= self.n_ctx_seq:
+            raise UsageError(f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx_seq}",
+                             "use a larger --ctx or a shorter prompt")
+        return self._generate(tokens, params)
+
+    def _generate(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
+        lc = native.llama()
+        seed = _seed(params)
+        sampler = _make_sampler(params, seed)
+        try:
+            reuse = self._reuse(tokens)
+            t0 = time.perf_counter()
+            new = tokens[reuse:]
+            self._cached = None  # unknown until the decode below has finished
+            for i in range(0, len(new), self.n_batch):
+                part = new[i : i + self.n_batch]
+                arr = (lc.llama_token * len(part))(*part)
+                self._check(self._decode(self.ctx, self._batch_one(arr, len(part))))
+            cached = list(tokens)  # what sequence 0 holds now
+            self._cached = cached
+            stream = _Stream(self, params)
+            n_prompt = len(tokens)
+            one = (lc.llama_token * 1)()
+            batch = self._batch_one(one, 1)
+            ctx, decode, sample, room, clock = self.ctx, self._decode, self._sample, self.n_ctx_seq, time.perf_counter
+            token = sample(sampler, ctx, -1)
+            t1 = clock()
+            t_prompt = t1 - t0
+            while True:  # per token: kept lean, it runs between two llama_decode calls
+                text = stream.feed(token)
+                if stream.finish is None and len(cached) >= room:
+                    stream.finish = "length"  # no room left to decode this token
+                    text += stream.flush()
+                yield Chunk(text, 0, n_prompt, reuse, stream.n, t_prompt, clock() - t1, stream.finish, seed)
+                if stream.finish is not None:
+                    return
+                one[0] = token
+                self._cached = None  # until llama_decode has returned
+                rc = decode(ctx, batch)
+                if rc:
+                    self._check(rc)
+                cached.append(token)
+                self._cached = cached
+                token = sample(sampler, ctx, -1)
+        finally:
+            lc.llama_sampler_free(sampler)
+
+    def _reuse(self, tokens: list[int]) -> int:
+        """How many leading tokens of ``tokens`` are already in the cache (the rest is removed)."""
+        lc = native.llama()
+        cached = self._cached
+        n = 0
+        if cached:
+            limit = min(len(cached), len(tokens) - 1)  # at least one token must be decoded for logits
+            while n < limit and cached[n] == tokens[n]:
+                n += 1
+        if cached == []:
+            return 0  # already empty
+        if cached is None or n == 0 or not lc.llama_memory_seq_rm(self._mem, 0, n, -1):
+            lc.llama_memory_clear(self._mem, False)
+            n = 0
+        self._cached = tokens[:n]
+        return n
+
+    def _check(self, rc: int) -> None:
+        if rc != 0:
+            self._cached = None
+            why = native.last_error() or f"llama_decode returned {rc}"
+            if rc == 1:
+                raise UsageError("the context is full", "use a larger --ctx")
+            raise EngineError(f"llama.cpp failed while generating: {why}")
+
+    # ---- many sequences ----------------------------------------------------------------------
+
+    def generate_many(self, requests: Iterable[Request | None], parallel: int | None = None) -> Iterator[Chunk]:
+        """Run requests in llama.cpp's parallel sequences (up to ``parallel``, at most ``n_seq_max``, at
+        a time), sharing each llama_decode call.
+
+        A request is ``(prompt, params)`` or ``(prompt, params, cancelled)``, where ``cancelled()``
+        returning True ends that request alone (finish_reason "cancelled"). ``requests`` is read
+        lazily, whenever a sequence is free; it may yield None for "nothing new now" and is asked
+        again after the next step (when nothing is running it is asked again at once, so a source
+        with nothing to give should block or end). Chunks carry the request's number, counting from
+        0 in the order given, as ``index``; a request that cannot run yields one chunk with
+        finish_reason "error" (its text says why) and the rest go on.
+        """
+        lc = native.llama()
+        lc.llama_memory_clear(self._mem, False)
+        self._cached = None
+        source = iter(requests)
+        count = 0
+        width = min(parallel or self.n_seq_max, self.n_seq_max)
+        free = list(range(width - 1, -1, -1))
+        slots: list[_Slot] = []
+        batch = lc.llama_batch_init(self.n_batch, 0, 1)
+        exhausted = False
+        try:
+            while True:
+                while free and not exhausted:  # fill idle sequences
+                    try:
+                        item = next(source)
+                    except StopIteration:
+                        exhausted = True
+                        break
+                    if item is None:
+                        break  # nothing new for now
+                    index, count = count, count + 1
+                    slot_or_error = self._start(index, item, free[-1])
+                    if isinstance(slot_or_error, Chunk):
+                        yield slot_or_error
+                        continue
+                    free.pop()
+                    slots.append(slot_or_error)
+                for s in [s for s in slots if s.cancelled is not None and s.cancelled()]:
+                    yield Chunk(s.stream.flush(), s.index, len(s.prompt), 0, s.stream.n, s.t_prompt,
+                                time.perf_counter() - s.t0 - s.t_prompt, "cancelled", s.seed)
+                    self._finish(s, slots, free)
+                if not slots:
+                    if exhausted:
+                        return
+                    continue
+                # A prompt goes through alone, chunk by chunk. Mixed with other sequences' single tokens,
+                # llama.cpp would split the batch into many small ones (one KV stream per sequence), and
+                # each answer would depend on which requests happened to run beside it.
+                ready: list[_Slot]
+                s0 = next((s for s in slots if s.pending is None), None)
+                if s0 is not None:
+                    take = min(len(s0.prompt) - s0.fed, self.n_batch)
+                    for k in range(take):
+                        _put(batch, k, s0.prompt[s0.fed + k], s0.fed + k, s0.seq, s0.fed + k == len(s0.prompt) - 1)
+                    batch.n_tokens = take
+                    s0.fed += take
+                    s0.pos = s0.fed
+                    s0.logit_row = take - 1
+                    ready = [s0] if s0.fed == len(s0.prompt) else []
+                else:
+                    for n, s in enumerate(slots):  # one token for every sequence, in one batch
+                        _put(batch, n, s.pending, s.pos, s.seq, True)
+                        s.logit_row = n
+                    batch.n_tokens = len(slots)
+                    ready = slots
+                rc = self._decode(self.ctx, batch)
+                if rc != 0:
+                    why = native.last_error() or f"llama_decode returned {rc}"
+                    raise EngineError(f"llama.cpp failed while generating: {why}",
+                                      "try fewer parallel sequences or a larger --ctx")
+                now = time.perf_counter()
+                done: list[_Slot] = []
+                for s in ready:
+                    if s.pending is None:
+                        s.t_prompt = now - s.t0
+                    else:
+                        s.pos += 1
+                    token = self._sample(s.sampler, self.ctx, s.logit_row)
+                    text = s.stream.feed(token)
+                    if s.stream.finish is None and s.pos >= self.n_ctx_seq:
+                        s.stream.finish = "length"
+                        text += s.stream.flush()
+                    s.pending = token
+                    yield Chunk(text, s.index, len(s.prompt), 0, s.stream.n, s.t_prompt,
+                                time.perf_counter() - s.t0 - s.t_prompt, s.stream.finish, s.seed)
+                    if s.stream.finish is not None:
+                        done.append(s)
+                for s in done:
+                    self._finish(s, slots, free)
+        finally:
+            for s in slots:
+                lc.llama_sampler_free(s.sampler)
+            lc.llama_batch_free(batch)
+            lc.llama_memory_clear(self._mem, False)
+            self._cached = []
+
+    def _finish(self, s: _Slot, slots: list[_Slot], free: list[int]) -> None:
+        lc = native.llama()
+        slots.remove(s)
+        lc.llama_memory_seq_rm(self._mem, s.seq, -1, -1)
+        lc.llama_sampler_free(s.sampler)
+        free.append(s.seq)
+
+    def _start(self, index: int, request: Request, seq: int) -> _Slot | Chunk:
+        prompt, params = request[0], request[1]
+        cancelled = request[2] if len(request) > 2 else None  # type: ignore[misc]
+        try:
+            params.check()
+            tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
+            if not tokens:
+                raise UsageError("the prompt is empty")
+            if len(tokens) >= self.n_ctx_seq:
+                raise UsageError(
+                    f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx_seq} per sequence"
+                )
+        except UsageError as exc:
+            return Chunk(str(exc), index, finish_reason="error")
+        seed = _seed(params)
+        return _Slot(index=index, seq=seq, prompt=tokens, params=params, sampler=_make_sampler(params, seed),
+                     stream=_Stream(self, params), seed=seed, cancelled=cancelled)
+
+
+def _put(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
+    batch.token[i] = token
+    batch.pos[i] = pos
+    batch.n_seq_id[i] = 1
+    batch.seq_id[i][0] = seq
+    batch.logits[i] = logits
+
+
+def _seed(params: SamplingParams) -> int:
+    return params.seed if params.seed is not None else random.SystemRandom().randrange(0, 2**32 - 1)
+
+
+def _make_sampler(params: SamplingParams, seed: int):
+    """llama.cpp's sampler chain: greedy, or top-k → top-p → min-p → temperature → draw(seed)."""
+    lc = native.llama()
+    chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
+    if params.temperature <= 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
+        return chain
+    if params.top_k > 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
+    if params.top_p < 1.0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
+    if params.min_p > 0:
+        lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
+    return chain
+
+
+def _check_options(plan: Plan) -> None:
+    o = plan.options
+    if o.kv_type not in native.GGML_TYPES:
+        raise UsageError(f"unknown KV cache type {o.kv_type!r}", "use f16, q8_0 or q4_0")
+    if o.n_ctx <= 0 or o.n_ubatch <= 0 or o.n_seq <= 0:
+        raise UsageError("context, ubatch and sequences must be positive")
+    if o.kv_type not in ("f16", "f32", "bf16") and not o.flash_attn:
+        # llama.cpp refuses a quantized V cache without flash attention
+        raise UsageError(f"a {o.kv_type} KV cache needs flash attention", "add --flash-attn or use --kv-type f16")
+
+
+_BACKEND_READY = False
+# Workers this process holds a connection to (through a loaded engine). A worker serves one client
+# at a time, so probing one of these would wait for ourselves: they are not probed again.
+_LIVE_WORKERS: Counter[str] = Counter()
+
+
+def _connect_workers(workers: Sequence[str]) -> tuple[dict[str, int], dict[str, str], tuple[str, ...]]:
+    """Connect llama.cpp to the workers, checked first (llama.cpp aborts the process on a worker it
+    cannot reach). Returns plan device name → ggml device, buffer type name → plan device, and the
+    workers' endpoints as llama.cpp knows them."""
+    if not workers:
+        return {}, {}, ()
+    from moelocal import rpc
+
+    named: dict[str, int] = {}
+    bufts: dict[str, str] = {}
+    endpoints = [rpc.normalize_endpoint(w) for w in workers]
+    if len(set(endpoints)) != len(endpoints):
+        raise UsageError("the same worker is given twice", "give each --worker once")
+    for ep in endpoints:
+        expected = None if _LIVE_WORKERS[ep] > 0 else len(rpc.probe(ep).devices)
+        handles = native.rpc_add_server(ep)
+        if expected is not None and len(handles) != expected:
+            raise EngineError(f"the worker at {ep} serves {expected} device(s) now, {len(handles)} when this "
+                              "process first connected to it", "start the program again")
+        for i, h in enumerate(handles):
+            name = f"rpc{len(named)}"
+            named[name] = h
+            bufts[native.rpc_buffer_type_name(ep, i)] = name
+    rpc.guard_aborts(endpoints)
+    return named, bufts, tuple(endpoints)
+
+
+def _backend_init() -> None:
+    global _BACKEND_READY
+    if not _BACKEND_READY:
+        native.llama().llama_backend_init()
+        _BACKEND_READY = True
+
+
+__all__ = [
+    "CHATML_TEMPLATE",
+    "extra_bufts_default",
+    "Chunk",
+    "Deviation",
+    "Engine",
+    "SamplingParams",
+    "compare_memory",
+    "default_threads",
+    "fit_messages",
+    "measured_memory",
+    "render_template",
+]

@@ -1,0 +1,473 @@
+"""What this machine has (or the one described by overrides): CPU, RAM, GPUs and their bandwidths.
+
+Detection is the only impure part; everything downstream takes a ``Hardware`` value, so plans for a
+24 GB GPU can be made and tested on a laptop without one.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import platform
+import re
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
+
+from moelocal.errors import HardwareSpecError
+
+if TYPE_CHECKING:
+    from moelocal.rpc import WorkerInfo
+
+GiB = 1 << 30
+GB = 1e9
+
+# Peak memory bandwidth (GB/s) and dense FP16 tensor throughput (TFLOP/s) of GPUs people run models on.
+# Matched as lowercase substrings of the NVML / Metal name, longest first.
+GPU_TABLE: dict[str, tuple[float, float]] = {
+    "h200": (4800, 990),
+    "h100 sxm": (3350, 990),
+    "h100 nvl": (3900, 835),
+    "h100": (2000, 756),
+    "gh200": (4000, 990),
+    "b200": (8000, 2250),
+    "a100-sxm4-80gb": (2039, 312),
+    "a100 80gb": (1935, 312),
+    "a100": (1555, 312),
+    "l40s": (864, 362),
+    "l40": (864, 181),
+    "l4": (300, 121),
+    "a10g": (600, 125),
+    "a10": (600, 125),
+    "t4": (320, 65),
+    "v100": (900, 125),
+    "a6000": (768, 155),
+    "rtx 6000 ada": (960, 364),
+    "rtx pro 6000": (1792, 500),
+    "rtx 5090": (1792, 419),
+    "rtx 5080": (960, 225),
+    "rtx 5070 ti": (896, 176),
+    "rtx 5070": (672, 124),
+    "rtx 5060 ti": (448, 94),
+    "rtx 4090": (1008, 330),
+    "rtx 4080 super": (736, 209),
+    "rtx 4080": (717, 195),
+    "rtx 4070 ti super": (672, 176),
+    "rtx 4070 ti": (504, 160),
+    "rtx 4070 super": (504, 142),
+    "rtx 4070": (504, 117),
+    "rtx 4060 ti": (288, 88),
+    "rtx 4060": (272, 60),
+    "rtx 3090 ti": (1008, 160),
+    "rtx 3090": (936, 142),
+    "rtx 3080 ti": (912, 136),
+    "rtx 3080": (760, 119),
+    "rtx 3070": (448, 81),
+    "rtx 3060 ti": (448, 65),
+    "rtx 3060": (360, 51),
+    "rtx 2080 ti": (616, 108),
+    "apple m1 ultra": (800, 21),
+    "apple m1 max": (400, 10.6),
+    "apple m1 pro": (200, 5.3),
+    "apple m1": (68, 2.6),
+    "apple m2 ultra": (800, 27),
+    "apple m2 max": (400, 13.6),
+    "apple m2 pro": (200, 6.8),
+    "apple m2": (100, 3.6),
+    "apple m3 ultra": (819, 28),
+    "apple m3 max": (400, 14),
+    "apple m3 pro": (150, 7),
+    "apple m3": (100, 4.1),
+    "apple m4 max": (546, 17),
+    "apple m4 pro": (273, 9),
+    "apple m4": (120, 4.3),
+}
+# A GPU we do not know (or one given only by --vram): a mid-range card. Override with --gpu-bw.
+DEFAULT_GPU = (500.0, 80.0)
+# PCIe 4.0 x16, what host<->GPU copies of expert weights run at during prompt processing.
+DEFAULT_PCIE_BW = 25 * GB
+# Effective per-core throughput of llama.cpp's CPU matmuls on quantized weights (GFLOP/s) in prompt
+# processing: 42-58 for Q8_0 and 58-76 for Q4_K (repacked) on an AVX-512 Zen 4 (scripts/bench_speed_model.py);
+# the middle of that range, so either type lands within about a third of it.
+CPU_GFLOPS_PER_CORE = 60.0
+# Bumped when measure_cpu_bandwidth changes what it measures, so that cached values are measured again.
+PROBE_VERSION = 2
+DEFAULT_DISK_BW = 2 * GB  # an NVMe SSD reading large pages sequentially
+# The link to RPC workers: gigabit Ethernet. Override with --net-bw (10GbE: 1.25GB/s).
+DEFAULT_NET_BW = 1e9 / 8
+
+
+@dataclass(frozen=True)
+class GPU:
+    name: str
+    total: int
+    free: int
+    bandwidth: float  # bytes/s
+    tflops: float
+    backend: str = "cuda"  # cuda | metal | rpc | vulkan
+    unified: bool = False  # shares system RAM (Apple Silicon)
+    endpoint: str = ""  # rpc: the worker's host:port
+    remote_index: int = 0  # rpc: the device's index on its worker
+
+    @property
+    def remote(self) -> bool:
+        """A device on another machine, reached over the network through llama.cpp's RPC backend."""
+        return self.backend == "rpc"
+
+
+@dataclass(frozen=True)
+class Hardware:
+    cpu_name: str
+    cpu_cores: int  # physical cores: llama.cpp's default thread count
+    ram_total: int
+    ram_available: int
+    cpu_bandwidth: float  # bytes/s
+    gpus: tuple[GPU, ...] = ()
+    cpu_flops: float = 0.0  # FLOP/s for quantized matmuls on all cores
+    pcie_bandwidth: float = DEFAULT_PCIE_BW
+    disk_bandwidth: float = DEFAULT_DISK_BW
+    has_amx: bool = False
+    overridden: tuple[str, ...] = field(default=())  # which values came from the user
+    network_bandwidth: float = DEFAULT_NET_BW  # to the workers (bytes/s)
+
+    @property
+    def unified(self) -> bool:
+        return any(g.unified for g in self.gpus)
+
+    @property
+    def gpu_names(self) -> tuple[str, ...]:
+        """The plan's name for each of ``gpus``: gpu0, gpu1 ... for local GPUs, rpc0, rpc1 ... for
+        the workers' devices (each counted in its own order)."""
+        out, n_local, n_remote = [], 0, 0
+        for g in self.gpus:
+            if g.remote:
+                out.append(f"rpc{n_remote}")
+                n_remote += 1
+            else:
+                out.append(f"gpu{n_local}")
+                n_local += 1
+        return tuple(out)
+
+    def gpu_named(self, name: str) -> GPU:
+        """The GPU a plan device name (gpuN, rpcN) stands for."""
+        return self.gpus[self.gpu_names.index(name)]
+
+    @property
+    def workers(self) -> tuple[str, ...]:
+        """The workers' endpoints, in the order their devices were added."""
+        return tuple(dict.fromkeys(g.endpoint for g in self.gpus if g.remote))
+
+    def to_dict(self) -> dict:
+        return {
+            "cpu": {
+                "name": self.cpu_name,
+                "cores": self.cpu_cores,
+                "bandwidth": self.cpu_bandwidth,
+                "flops": self.cpu_flops,
+                "amx": self.has_amx,
+            },
+            "ram": {"total": self.ram_total, "available": self.ram_available},
+            "gpus": [
+                {
+                    "name": g.name,
+                    "total": g.total,
+                    "free": g.free,
+                    "bandwidth": g.bandwidth,
+                    "tflops": g.tflops,
+                    "backend": g.backend,
+                    "unified": g.unified,
+                    **({"endpoint": g.endpoint, "remote_index": g.remote_index} if g.remote else {}),
+                }
+                for g in self.gpus
+            ],
+            **({"network_bandwidth": self.network_bandwidth} if any(g.remote for g in self.gpus) else {}),
+            "overridden": list(self.overridden),
+        }
+
+
+# ---- parsing user values ---------------------------------------------------------------------
+
+_SIZE_RE = re.compile(r"^\s*([0-9]*\.?[0-9]+)\s*([kmgt]?i?b?)?\s*$", re.IGNORECASE)
+_UNITS = {
+    "": 1,
+    "b": 1,
+    "k": 1000,
+    "kb": 1000,
+    "kib": 1 << 10,
+    "ki": 1 << 10,
+    "m": 1000**2,
+    "mb": 1000**2,
+    "mib": 1 << 20,
+    "mi": 1 << 20,
+    "g": GiB,  # a bare "24G" means what nvidia-smi and people mean: GiB
+    "gb": 1000**3,
+    "gib": GiB,
+    "gi": GiB,
+    "t": 1 << 40,
+    "tb": 1000**4,
+    "tib": 1 << 40,
+    "ti": 1 << 40,
+}
+
+
+def parse_size(text: str, what: str = "size") -> int:
+    """'24GiB', '24G', '24 GB', '512MiB', '0' → bytes. A bare number is GiB (``--vram 24``)."""
+    m = _SIZE_RE.match(str(text))
+    if not m:
+        raise HardwareSpecError(f"cannot read {what} {text!r}", "write it like 24GiB, 16GB or 512MiB")
+    number, unit = float(m.group(1)), (m.group(2) or "").lower()
+    if unit == "":
+        return int(number * GiB)
+    if unit not in _UNITS:
+        raise HardwareSpecError(f"cannot read {what} {text!r}: unknown unit {unit!r}", "use MiB, GiB or GB")
+    return int(number * _UNITS[unit])
+
+
+def parse_bandwidth(text: str, what: str = "bandwidth") -> float:
+    """'936GB/s', '936', '0.9TB/s' → bytes/s. A bare number is GB/s."""
+    t = str(text).strip().lower().replace(" ", "")
+    t = t[:-2] if t.endswith("/s") else t
+    m = re.match(r"^([0-9]*\.?[0-9]+)(gb|tb|mb|gib|tib|mib)?$", t)
+    if not m:
+        raise HardwareSpecError(f"cannot read {what} {text!r}", "write it like 936GB/s or 936")
+    scale = {"": GB, "gb": GB, "tb": 1e12, "mb": 1e6, "gib": GiB, "tib": 1 << 40, "mib": 1 << 20}[m.group(2) or ""]
+    value = float(m.group(1)) * scale
+    if value <= 0:
+        raise HardwareSpecError(f"{what} must be positive, got {text!r}")
+    return value
+
+
+def parse_network_bandwidth(text: str, what: str = "--net-bw") -> float:
+    """'1Gbit', '10Gbit/s', '100Mbit', or a bandwidth parse_bandwidth reads ('1.25GB/s') → bytes/s."""
+    t = str(text).strip().lower().replace(" ", "")
+    t = t[:-2] if t.endswith("/s") else t
+    m = re.match(r"^([0-9]*\.?[0-9]+)([gm])(bit|bps|b)$", t) if t.endswith(("bit", "bps")) else None
+    if m:
+        value = float(m.group(1)) * (1e9 if m.group(2) == "g" else 1e6) / 8
+        if value <= 0:
+            raise HardwareSpecError(f"{what} must be positive, got {text!r}")
+        return value
+    return parse_bandwidth(text, what)
+
+
+def gpu_specs(name: str) -> tuple[float, float]:
+    """(bandwidth bytes/s, FLOP/s) for a GPU name, from the table or the default."""
+    lower = name.lower()
+    for key in sorted(GPU_TABLE, key=len, reverse=True):
+        if key in lower:
+            bw, tf = GPU_TABLE[key]
+            return bw * GB, tf * 1e12
+    return DEFAULT_GPU[0] * GB, DEFAULT_GPU[1] * 1e12
+
+
+# ---- overrides -------------------------------------------------------------------------------
+
+
+def with_overrides(
+    hw: Hardware,
+    *,
+    vram: list[str] | None = None,
+    ram: str | None = None,
+    no_gpu: bool = False,
+    gpu_bw: str | None = None,
+    cpu_bw: str | None = None,
+) -> Hardware:
+    """Describe another machine: replace the detected values with the user's."""
+    changed = list(hw.overridden)
+    gpus = hw.gpus
+    if no_gpu:
+        gpus = ()
+        changed.append("no_gpu")
+    elif vram:
+        sizes = [parse_size(v, "--vram") for part in vram for v in str(part).split(",") if v.strip()]
+        new = []
+        for i, size in enumerate(sizes):
+            if size <= 0:
+                raise HardwareSpecError(f"--vram must be positive, got {vram[i] if i < len(vram) else size}")
+            base = gpus[i] if i < len(gpus) else None
+            if base is not None:
+                new.append(replace(base, total=size, free=size))
+            else:
+                bw, tf = DEFAULT_GPU[0] * GB, DEFAULT_GPU[1] * 1e12
+                new.append(GPU(name=f"GPU {i} (--vram)", total=size, free=size, bandwidth=bw, tflops=tf))
+        gpus = tuple(new)
+        changed.append("vram")
+    if gpu_bw:
+        bw = parse_bandwidth(gpu_bw, "--gpu-bw")
+        gpus = tuple(replace(g, bandwidth=bw) for g in gpus)
+        changed.append("gpu_bw")
+    out = replace(hw, gpus=gpus)
+    if ram:
+        size = parse_size(ram, "--ram")
+        if size <= 0:
+            raise HardwareSpecError(f"--ram must be positive, got {ram!r}")
+        out = replace(out, ram_total=size, ram_available=size)
+        changed.append("ram")
+    if cpu_bw:
+        out = replace(out, cpu_bandwidth=parse_bandwidth(cpu_bw, "--cpu-bw"))
+        changed.append("cpu_bw")
+    return replace(out, overridden=tuple(dict.fromkeys(changed)))
+
+
+def with_workers(hw: Hardware, workers: Sequence[WorkerInfo], *, mem: Sequence[str] | None = None,
+                 net_bw: str | None = None) -> Hardware:
+    """Add the workers' devices (as ``rpc.probe`` found them) to ``hw``, after its own GPUs.
+
+    ``mem`` overrides their memory like --vram does for GPUs, one value per worker device in order;
+    ``net_bw`` is the network bandwidth to them. A worker's device could be a GPU or a CPU (llama.cpp
+    does not say which), so its speed is a mid-range GPU's until --gpu-bw says otherwise.
+    """
+    changed = list(hw.overridden)
+    sizes = [parse_size(v, "--worker-mem") for part in (mem or ()) for v in str(part).split(",") if v.strip()]
+    n_devices = sum(len(w.devices) for w in workers)
+    if len(sizes) > n_devices:
+        raise HardwareSpecError(f"--worker-mem gives {len(sizes)} sizes for {n_devices} worker device(s)",
+                                "give one size per worker device, in --worker order")
+    if any(size <= 0 for size in sizes):
+        raise HardwareSpecError("--worker-mem must be positive")
+    bw, tf = DEFAULT_GPU[0] * GB, DEFAULT_GPU[1] * 1e12
+    added = []
+    for w in workers:
+        for i, d in enumerate(w.devices):
+            free, total = d.free, d.total
+            if len(added) < len(sizes):
+                free = total = sizes[len(added)]
+            added.append(GPU(name=f"worker {w.endpoint} #{i}", total=total, free=free, bandwidth=bw, tflops=tf,
+                             backend="rpc", endpoint=w.endpoint, remote_index=i))
+    if sizes:
+        changed.append("worker_mem")
+    out = replace(hw, gpus=hw.gpus + tuple(added))
+    if net_bw:
+        out = replace(out, network_bandwidth=parse_network_bandwidth(net_bw, "--net-bw"))
+        changed.append("net_bw")
+    return replace(out, overridden=tuple(dict.fromkeys(changed)))
+
+
+# ---- detection -------------------------------------------------------------------------------
+
+
+def detect(probe: bool = True) -> Hardware:
+    """This machine, as far as can be seen without loading llama.cpp."""
+    import psutil
+
+    vm = psutil.virtual_memory()
+    cores = psutil.cpu_count(logical=False) or os.cpu_count() or 1
+    name, flags = _cpu_info()
+    gpus = _nvidia_gpus() or _apple_gpus(vm.total)
+    bw = cpu_bandwidth(name) if probe else 20 * GB
+    return Hardware(
+        cpu_name=name,
+        cpu_cores=cores,
+        ram_total=vm.total,
+        ram_available=vm.available,
+        cpu_bandwidth=bw,
+        gpus=tuple(gpus),
+        cpu_flops=cores * CPU_GFLOPS_PER_CORE * 1e9,
+        has_amx="amx_tile" in flags or "amx_int8" in flags,
+    )
+
+
+def _cpu_info() -> tuple[str, set[str]]:
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as fh:
+            for line in fh:
+                if line.startswith("model name") and ":" in line:
+                    name = line.split(":", 1)[1].strip()
+                elif line.startswith("flags") and ":" in line:
+                    flags = set(line.split(":", 1)[1].split())
+                if flags and name:
+                    break
+    except OSError:
+        pass
+    if platform.system() == "Darwin":
+        import subprocess
+
+        try:
+            name = subprocess.run(
+                ["sysctl", "-n", "machdep.cpu.brand_string"], capture_output=True, text=True, timeout=2
+            ).stdout.strip() or name
+        except (OSError, subprocess.SubprocessError):
+            pass
+    return name, flags
+
+
+def _nvidia_gpus() -> list[GPU]:
+    """NVIDIA GPUs through NVML (nvidia-ml-py); an empty list without a driver."""
+    try:
+        import pynvml
+    except ImportError:
+        return []
+    try:
+        pynvml.nvmlInit()
+    except Exception:  # NVMLError_LibraryNotFound, DriverNotLoaded, ...: no NVIDIA GPU here
+        return []
+    gpus = []
+    try:
+        for i in range(pynvml.nvmlDeviceGetCount()):
+            h = pynvml.nvmlDeviceGetHandleByIndex(i)
+            name = pynvml.nvmlDeviceGetName(h)
+            name = name.decode() if isinstance(name, bytes) else name
+            mem = pynvml.nvmlDeviceGetMemoryInfo(h)
+            bw, tf = gpu_specs(name)
+            gpus.append(GPU(name=name, total=int(mem.total), free=int(mem.free), bandwidth=bw, tflops=tf))
+    except Exception:
+        return gpus
+    finally:
+        try:
+            pynvml.nvmlShutdown()
+        except Exception:
+            pass
+    return gpus
+
+
+def _apple_gpus(ram_total: int) -> list[GPU]:
+    """Apple Silicon: the GPU shares RAM; Metal lets it wire about 2/3 (<= 36 GiB) or 3/4 of it."""
+    if platform.system() != "Darwin" or platform.machine() != "arm64":
+        return []
+    name, _ = _cpu_info()
+    limit = ram_total * 2 // 3 if ram_total <= 36 * GiB else ram_total * 3 // 4
+    bw, tf = gpu_specs(name if name.lower().startswith("apple") else f"apple {name}")
+    return [GPU(name=f"{name} GPU", total=limit, free=limit, bandwidth=bw, tflops=tf, backend="metal", unified=True)]
+
+
+def cpu_bandwidth(cpu_name: str) -> float:
+    """Memory read bandwidth of this CPU, measured once (about 0.2 s) and cached per CPU model."""
+    from moelocal import config
+
+    path = config.cache_dir("probe") / "cpu_bandwidth.json"
+    try:
+        cached = json.loads(path.read_text())
+        # a value from an older probe measured something else (one thread): measure again
+        if cached.get("cpu") == cpu_name and cached.get("probe") == PROBE_VERSION and cached.get("bandwidth", 0) > 0:
+            return float(cached["bandwidth"])
+    except (OSError, ValueError):
+        pass
+    value = measure_cpu_bandwidth()
+    try:
+        path.write_text(json.dumps({"cpu": cpu_name, "bandwidth": value, "probe": PROBE_VERSION, "when": time.time()}))
+    except OSError:
+        pass
+    return value
+
+
+def measure_cpu_bandwidth(size: int = 256 << 20, repeats: int = 3, threads: int | None = None) -> float:
+    """Bytes/s that reductions over large arrays read with one thread per physical core (llama.cpp's
+    default thread count), best of a few runs. numpy releases the GIL while it fills and sums."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    import numpy as np
+    import psutil
+
+    n = max(1, threads or psutil.cpu_count(logical=False) or os.cpu_count() or 1)
+    # at least 32 MiB a thread: many threads' shares must still outgrow the caches they share
+    per = max(size // n, 32 << 20) // 8
+    best = float("inf")
+    with ThreadPoolExecutor(n) as pool:
+        parts = list(pool.map(lambda _: np.ones(per, dtype=np.float64), range(n)))  # page faults in parallel too
+        for _ in range(repeats):
+            t = time.perf_counter()
+            list(pool.map(np.sum, parts))
+            best = min(best, time.perf_counter() - t)
+    return n * per * 8 / best

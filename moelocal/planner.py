@@ -1,0 +1,505 @@
+"""Candidate placements, the speed model, and the choice of plan. Pure: no I/O, no environment.
+
+The search follows how people place MoE models by hand with llama.cpp, but exhaustively:
+everything on the GPU(s); the routed experts of the first N layers in host memory (``--n-cpu-moe N``)
+for every N; all experts in host memory with fewer GPU layers; CPU only; and, when even that does not
+fit in RAM, running from disk through mmap. Each candidate gets a memory bill per device
+(memory.estimate) and a predicted speed; the fastest one that fits every device wins.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
+
+from moelocal import layout, memory
+from moelocal.errors import DoesNotFitError, UsageError
+from moelocal.gguf_model import ModelSummary
+from moelocal.hardware import Hardware
+from moelocal.plan import CPU, DeviceMemory, Placement, Plan, Prediction, RunOptions
+from moelocal.units import human_bytes
+
+GiB = 1 << 30
+MiB = 1 << 20
+
+# Context used when the user gives none: the model's own, capped; halved (down to MIN_AUTO_CTX)
+# only when nothing fits at the larger size.
+DEFAULT_CTX_CAP = 32768
+MIN_AUTO_CTX = 2048
+# Safety margins: a fraction of each budget left free for what nobody can predict exactly.
+GPU_MARGIN = 0.05
+RAM_MARGIN = 0.05
+MIN_RAM_MARGIN = 256 * MiB
+# Speed model constants (documented in the README's "How fit predicts speed").
+GPU_BW_EFFICIENCY = 0.75  # share of peak bandwidth decode kernels reach
+# The probe reads with every core (hardware.measure_cpu_bandwidth). Fitted together with the per-layer cost
+# below on 180-330 MB MoE models (scripts/bench_speed_model.py, 2-core AMD EPYC): 0.70-0.86 of the probe
+# with 110-60 us a layer, the two trading off; 0.85 and 90 us predicted each decode within 12%.
+CPU_BW_EFFICIENCY = 0.85
+GPU_FLOPS_EFFICIENCY = 0.35  # quantized matmuls at prompt-processing batch sizes
+HOP_LATENCY_S = 20e-6  # one GPU<->CPU hand-off of activations (sync + small copy)
+# One hand-off to or from a worker's device, besides the bytes (hardware.network_bandwidth): llama.cpp's
+# RPC client sends the inputs and the graph, runs it and reads the result back. Measured on loopback
+# (test models, llama-cpp-python 0.3.36): 0.34 ms per hand-off; a LAN adds its round trips.
+NET_HOP_LATENCY_S = 400e-6
+GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer per token
+# Per layer per token on the CPU besides reading weights (the small ops between the matmuls, their thread
+# barriers, the routing): 60-110 us on the models above (8 and 24 layers), 50-100 us on the tiny test
+# models whose weights stay in cache, about as much with one thread as with two (15 us made decode 1.2-1.5x
+# optimistic here).
+CPU_LAYER_OVERHEAD_S = 90e-6
+DECODE_DEPTH = 1024  # decode speed is predicted at this many tokens of context (or n_ctx/2)
+# Prompt processing: llama.cpp computes weights that live in host memory on the GPU (copying them
+# over PCIe each batch) once the batch has at least this many tokens.
+OP_OFFLOAD_MIN_BATCH = 32
+
+# The rule for recommending a quantization (`fit` on several files or a repo): the highest-quality
+# (most bits per weight) quantization whose best plan fits and decodes at least ACCEPTABLE_TPS
+# tokens/s; if none is that fast, the fastest one that fits.
+ACCEPTABLE_TPS = 8.0
+
+
+@dataclass(frozen=True)
+class FitResult:
+    """All candidates for one model on one machine, and which one is recommended (or None)."""
+
+    summary: ModelSummary
+    hardware: Hardware
+    plans: tuple[Plan, ...]
+    recommended: int | None
+    notes: tuple[str, ...] = ()
+
+    @property
+    def best(self) -> Plan | None:
+        return self.plans[self.recommended] if self.recommended is not None else None
+
+    def verdict(self) -> str:
+        """One line: does it fit, and how."""
+        best = self.best
+        if best is None:
+            disk = next((p for p in self.plans if p.placement.from_disk), None)
+            short = _shortest(self.plans)
+            parts = []
+            for dev, n in short.items():
+                parts.append(f"{human_bytes(n)} more {'RAM' if dev == CPU else 'VRAM on ' + dev.upper()}")
+            msg = "does not fit: needs " + " and ".join(parts) if parts else "does not fit"
+            if disk is not None:
+                msg += f"; it could run from disk through mmap at about {disk.predicted.decode_tps:.2g} tokens/s"
+            return msg
+        p = best.placement
+        if not p.devices or p.n_gpu_layers == 0:
+            return "fits in RAM, runs on the CPU"
+        moe_layers = len(self.summary.moe_layers)
+        n_cpu = _cpu_expert_layers(self.summary, best)
+        where = p.describe(self.summary.n_layer).removeprefix("all on ")
+        if p.n_gpu_layers >= self.summary.n_layer + 1 and n_cpu == 0:
+            return f"fits on the {where}"
+        if p.n_gpu_layers >= self.summary.n_layer + 1:
+            return f"fits with the experts of {n_cpu} of {moe_layers} layers on the CPU"
+        return (
+            f"fits with {p.repeating_on_gpu(self.summary.n_layer)} of {self.summary.n_layer} layers on the GPU"
+            + (f" and the experts of {n_cpu} layers on the CPU" if n_cpu else "")
+        )
+
+    def to_dict(self) -> dict:
+        return {
+            "model": self.summary.to_dict(),
+            "hardware": self.hardware.to_dict(),
+            "plans": [{**p.to_dict(), "label": p.placement.describe(self.summary.n_layer)} for p in self.plans],
+            "recommended": self.recommended,
+            "verdict": self.verdict(),
+            "notes": list(self.notes),
+            "llama_cpp_flags": llama_cpp_flags(self.best, self.hardware) if self.best else None,
+        }
+
+
+def _shortest(plans: Sequence[Plan]) -> dict[str, int]:
+    """The shortfall of the in-memory candidate that misses by the least."""
+    inmem = [p for p in plans if not p.placement.from_disk] or list(plans)
+    if not inmem:
+        return {}
+    best = min(inmem, key=lambda p: sum(p.shortfall().values()))
+    return best.shortfall()
+
+
+def _cpu_expert_layers(summary: ModelSummary, plan: Plan) -> int:
+    layers = {
+        loc.tensor.layer
+        for loc in layout.locate(summary, plan.placement)
+        if loc.tensor.role == "routed_experts" and loc.device == CPU
+    }
+    return len(layers)
+
+
+# ---- budgets ---------------------------------------------------------------------------------
+
+
+def budgets(hw: Hardware) -> dict[str, int]:
+    """Usable bytes per device after the safety margin."""
+    out = {CPU: int(hw.ram_available - max(MIN_RAM_MARGIN, RAM_MARGIN * hw.ram_available))}
+    for name, g in zip(hw.gpu_names, hw.gpus, strict=True):
+        out[name] = int(g.free - GPU_MARGIN * g.total)
+    return out
+
+
+def _fits(memory: dict[str, DeviceMemory], budget: dict[str, int], hw: Hardware) -> bool:
+    if any(m.total > budget.get(d, 0) for d, m in memory.items()):
+        return False
+    if hw.unified:  # GPU memory is carved out of the same RAM
+        return sum(m.total for m in memory.values()) <= budget[CPU]
+    return True
+
+
+# ---- speed model -----------------------------------------------------------------------------
+
+
+def _device_speed(hw: Hardware, device: str, threads: int | None = None) -> tuple[float, float]:
+    """(effective bandwidth bytes/s, effective FLOP/s) of a device; ``threads``: llama.cpp's CPU
+    threads (None: one per physical core, its default)."""
+    if device == CPU:
+        flops = max(hw.cpu_flops, 1e9)
+        if threads and hw.cpu_cores > 0:
+            # cpu_flops is one thread per physical core; fewer threads compute proportionally less
+            # (measured 1.6-1.9x from one thread to two); more threads than cores gain nothing
+            flops *= min(threads, hw.cpu_cores) / hw.cpu_cores
+        return hw.cpu_bandwidth * CPU_BW_EFFICIENCY, flops
+    g = hw.gpu_named(device)
+    return g.bandwidth * GPU_BW_EFFICIENCY, g.tflops * GPU_FLOPS_EFFICIENCY
+
+
+def _remote(hw: Hardware, device: str) -> bool:
+    return device != CPU and hw.gpu_named(device).remote
+
+
+def _hop_seconds(hw: Hardware, a: str, b: str, nbytes: float) -> float:
+    """One hand-off of ``nbytes`` of activations from device ``a`` to ``b``: over the network when
+    either is a worker's, else over PCIe."""
+    if _remote(hw, a) or _remote(hw, b):
+        return NET_HOP_LATENCY_S + nbytes / hw.network_bandwidth
+    return HOP_LATENCY_S + nbytes / hw.pcie_bandwidth
+
+
+def predict(summary: ModelSummary, placement: Placement, options: RunOptions, hw: Hardware) -> Prediction:
+    """Decode tokens/s from bytes read per token per device; prompt tokens/s from FLOPs."""
+    frac = summary.n_expert_used / summary.n_expert if summary.n_expert else 1.0
+    read: dict[str, float] = {}
+    flops: dict[str, float] = {}
+    host_weights_for_gpu = 0.0  # bytes of host-resident weights that prompt batches copy to a GPU
+    layer_dev = layout.layer_devices(summary.n_layer, placement)
+    expert_dev: dict[int, str] = {}
+    tied = not any(t.name == "output.weight" for t in summary.tensors)
+    for loc in layout.locate(summary, placement):
+        t, dev = loc.tensor, loc.device
+        if t.role == "embeddings" and not loc.duplicate:
+            if tied and layer_dev[summary.n_layer] == CPU and t.name == "token_embd.weight":
+                read[dev] = read.get(dev, 0.0) + t.n_bytes  # the CPU output head reads it whole
+                flops[dev] = flops.get(dev, 0.0) + 2 * t.n_params
+            continue
+        share = frac if t.role == "routed_experts" else 1.0
+        read[dev] = read.get(dev, 0.0) + t.n_bytes * share
+        flops[dev] = flops.get(dev, 0.0) + 2 * t.n_params * share
+        if t.role == "routed_experts" and t.layer is not None:
+            expert_dev[t.layer] = dev
+        if dev == CPU and placement.devices and t.layer is not None:
+            host_weights_for_gpu += t.n_bytes
+    depth = min(DECODE_DEPTH, options.n_ctx // 2)
+    for il in range(summary.n_layer):
+        d = min(depth, summary.sliding_window) if summary.swa_layers[il] else depth
+        read[layer_dev[il]] = read.get(layer_dev[il], 0.0) + memory.kv_bytes_per_token(summary, il, options.kv_type) * d
+    # decode: every device reads its share, one after another (layers run in sequence)
+    t_decode = 0.0
+    for dev, nbytes in read.items():
+        bw, _ = _device_speed(hw, dev)
+        t_decode += nbytes / bw
+
+    def handoffs(n_tokens: int, network_only: bool = False) -> float:
+        """Seconds of activation hand-offs between devices for a batch of n_tokens."""
+        act = summary.n_embd * 4 * n_tokens  # f32 activations
+
+        def hop(a: str, b: str, nbytes: float) -> float:
+            if a == b or (network_only and not (_remote(hw, a) or _remote(hw, b))):
+                return 0.0
+            return _hop_seconds(hw, a, b, nbytes)
+
+        t, prev = 0.0, CPU  # the input embeddings are on the CPU
+        for il in range(summary.n_layer):
+            cur, e = layer_dev[il], expert_dev.get(il, layer_dev[il])
+            t += hop(prev, cur, act) + hop(cur, e, act) + hop(e, cur, act)
+            prev = cur
+        out_dev = layer_dev[summary.n_layer]
+        t += hop(prev, out_dev, act)
+        if _remote(hw, out_dev):  # the logits come back over the network
+            t += hop(out_dev, CPU, summary.n_vocab * 4)
+        return t
+
+    t_decode += handoffs(1)
+    for il in range(summary.n_layer):
+        t_decode += GPU_LAYER_OVERHEAD_S if layer_dev[il] != CPU else CPU_LAYER_OVERHEAD_S
+    decode = 1.0 / t_decode if t_decode > 0 else 0.0
+
+    # prompt processing, per ubatch of U tokens: all experts get used, so FLOPs use the active share
+    u = max(1, min(options.n_ubatch, options.n_batch))
+    t_batch = 0.0
+    gpu_devs = [d for d in read if d != CPU]
+    local_gpus = [d for d in gpu_devs if not hw.gpu_named(d).remote]  # llama.cpp never offloads ops to RPC
+    for dev, f in flops.items():
+        if dev == CPU and local_gpus and u >= OP_OFFLOAD_MIN_BATCH:
+            # llama.cpp copies host-resident weights to the GPU and computes there
+            _, gflops = _device_speed(hw, local_gpus[0])
+            t_batch += f * u / gflops + host_weights_for_gpu / hw.pcie_bandwidth
+        else:
+            _, dflops = _device_speed(hw, dev, options.n_threads)
+            t_batch += f * u / dflops
+    attn = 4 * summary.n_layer * max(summary.n_head) * summary.head_dim_k * (u / 2) * u
+    attn_dev = gpu_devs[0] if gpu_devs else CPU
+    t_batch += attn / _device_speed(hw, attn_dev, options.n_threads)[1]
+    # hand-offs over PCIe are left out of prompt processing; over a network they count
+    t_batch += handoffs(u, network_only=True)
+    prefill = u / t_batch if t_batch > 0 else 0.0
+    return Prediction(decode_tps=round(decode, 2), prefill_tps=round(prefill, 1))
+
+
+def _predict_from_disk(summary: ModelSummary, plan_memory: DeviceMemory, budget: int, base: Prediction,
+                       hw: Hardware) -> Prediction:
+    """CPU only, weights larger than RAM: the part that does not stay cached is read from disk."""
+    resident = max(0, budget - (plan_memory.total - plan_memory.weights))
+    miss = 1.0 - min(1.0, resident / max(plan_memory.weights, 1))
+    frac = summary.n_expert_used / summary.n_expert if summary.n_expert else 1.0
+    per_token = sum(t.n_bytes * (frac if t.role == "routed_experts" else 1.0) for t in summary.tensors
+                    if t.role != "embeddings")
+    t = (1 / base.decode_tps if base.decode_tps else 0) + per_token * miss / hw.disk_bandwidth
+    return Prediction(decode_tps=round(1 / t, 3) if t else 0.0, prefill_tps=base.prefill_tps)
+
+
+# ---- candidates ------------------------------------------------------------------------------
+
+
+def _gpu_devices(hw: Hardware) -> tuple[tuple[str, ...], tuple[float, ...]]:
+    """The offload devices in llama.cpp's order, and their split by free memory (when several).
+
+    Workers' devices come first, as llama.cpp orders them itself: the output layer, last, then sits
+    on a local device and the logits do not cross the network."""
+    order = sorted(range(len(hw.gpus)), key=lambda i: not hw.gpus[i].remote)
+    names = hw.gpu_names
+    devices = tuple(names[i] for i in order)
+    split = tuple(float(max(hw.gpus[i].free, 0)) for i in order) if len(order) > 1 else ()
+    return devices, split
+
+
+def make_plan(summary: ModelSummary, placement: Placement, options: RunOptions, hw: Hardware) -> Plan:
+    """Price one placement: memory per device, predicted speed, and whether it fits."""
+
+    backends = {name: g.backend for name, g in zip(hw.gpu_names, hw.gpus, strict=True)}  # gpu0: cuda, rpc0: rpc
+    mem = memory.estimate(summary, placement, options, gpu_backend=backends or "cpu")
+    budget = budgets(hw)
+    for dev in placement.devices:
+        mem.setdefault(dev, DeviceMemory())
+    fits = _fits(mem, budget, hw)
+    return Plan(placement=placement, options=options, memory=mem, budget=budget,
+                predicted=predict(summary, placement, options, hw), fits=fits)
+
+
+def placements(summary: ModelSummary, hw: Hardware) -> list[Placement]:
+    """Every placement worth pricing, most GPU first."""
+    out: list[Placement] = []
+    devices, split = _gpu_devices(hw)
+    n = summary.n_layer
+    if devices:
+        full = n + 1
+        out.append(Placement(n_gpu_layers=full, devices=devices, tensor_split=split))
+        if summary.is_moe:
+            moe = summary.moe_layers
+            seen = set()
+            for k in range(1, n + 1):
+                moved = tuple(i for i in moe if i < k)
+                if not moved or moved in seen:
+                    continue
+                seen.add(moved)
+                out.append(Placement(n_gpu_layers=full, n_cpu_moe=k, tensor_overrides=layout.n_cpu_moe_overrides(k),
+                                     devices=devices, tensor_split=split))
+            for ngl in range(n, 0, -1):  # all experts in host memory and fewer layers on the GPU
+                out.append(Placement(n_gpu_layers=ngl, n_cpu_moe=n, tensor_overrides=layout.cpu_moe_overrides(),
+                                     devices=devices, tensor_split=split))
+        else:
+            for ngl in range(n, 0, -1):
+                out.append(Placement(n_gpu_layers=ngl, devices=devices, tensor_split=split))
+    out.append(Placement(n_gpu_layers=0))
+    return out
+
+
+def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions) -> list[Plan]:
+    return [make_plan(summary, p, options, hw) for p in placements(summary, hw)]
+
+
+def _choose(plans: Sequence[Plan]) -> int | None:
+    fitting = [i for i, p in enumerate(plans) if p.fits and not p.placement.from_disk]
+    if not fitting:
+        return None
+    return max(fitting, key=lambda i: (plans[i].predicted.decode_tps, plans[i].predicted.prefill_tps))
+
+
+def default_ctx(summary: ModelSummary) -> int:
+    return min(summary.context_length or 4096, DEFAULT_CTX_CAP)
+
+
+def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested: bool = True) -> FitResult:
+    """Price every placement and pick the fastest that fits; shrink the context only if not requested."""
+    if options.n_ctx <= 0:
+        raise UsageError(f"--ctx must be positive, got {options.n_ctx}")
+    notes: list[str] = []
+    plans = candidates(summary, hw, options)
+    chosen = _choose(plans)
+    if chosen is None and not ctx_requested:
+        ctx = options.n_ctx
+        while chosen is None and ctx > MIN_AUTO_CTX:
+            ctx = max(MIN_AUTO_CTX, ctx // 2)
+            trial = candidates(summary, hw, replace(options, n_ctx=ctx))
+            if _choose(trial) is not None:
+                notes.append(f"context reduced from {options.n_ctx} to {ctx} tokens so that the model fits")
+                plans, chosen = trial, _choose(trial)
+    if chosen is None:
+        cpu_only = next(p for p in plans if not p.placement.devices)
+        disk = _from_disk(summary, cpu_only, hw)
+        if disk is not None:
+            plans.append(disk)
+    shown = _shown(plans, chosen)
+    rec = shown.index(plans[chosen]) if chosen is not None else None
+    return FitResult(summary=summary, hardware=hw, plans=tuple(shown), recommended=rec, notes=tuple(notes))
+
+
+def _from_disk(summary: ModelSummary, cpu_only: Plan, hw: Hardware) -> Plan | None:
+    mem = cpu_only.memory[CPU]
+    budget = cpu_only.budget[CPU]
+    if mem.total - mem.weights > budget:
+        return None  # not even the KV cache and buffers fit: no plan at all
+    pred = _predict_from_disk(summary, mem, budget, cpu_only.predicted, hw)
+    return replace(cpu_only, placement=replace(cpu_only.placement, from_disk=True), predicted=pred, fits=False,
+                   notes=("weights do not fit in RAM; llama.cpp would page them in from disk through mmap",))
+
+
+def _shown(plans: list[Plan], chosen: int | None) -> list[Plan]:
+    """The plans worth a row: all-GPU, the chosen one, its neighbours, all-experts-on-CPU, CPU only, disk."""
+    keep: list[int] = []
+
+    def add(i: int | None) -> None:
+        if i is not None and 0 <= i < len(plans) and i not in keep:
+            keep.append(i)
+
+    add(0)
+    if chosen is not None:
+        add(chosen - 1)
+        add(chosen)
+    first_cpu_moe = next((i for i, p in enumerate(plans) if p.placement.tensor_overrides == layout.cpu_moe_overrides()),
+                         None)
+    add(first_cpu_moe)
+    for i, p in enumerate(plans):
+        if not p.placement.devices or p.placement.from_disk:
+            add(i)
+    return [plans[i] for i in sorted(keep)]
+
+
+def plan_model(
+    summary: ModelSummary,
+    hw: Hardware,
+    options: RunOptions,
+    *,
+    n_gpu_layers: int | None = None,
+    n_cpu_moe: int | None = None,
+    cpu_moe: bool = False,
+    ctx_requested: bool = True,
+) -> Plan:
+    """The plan a run uses: the recommended one, or the one the user forced (check ``.fits``).
+
+    Raises DoesNotFitError when no placement fits and none was forced.
+    """
+    forced = n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe
+    if not forced:
+        result = fit(summary, hw, options, ctx_requested=ctx_requested)
+        if result.best is None:
+            raise DoesNotFitError(
+                f"{summary.name} {result.verdict()}",
+                "try a smaller quantization, a smaller --ctx, or --kv-type q8_0",
+            )
+        best = result.best
+        return replace(best, notes=best.notes + result.notes)
+    if n_cpu_moe is not None and n_cpu_moe < 0:
+        raise UsageError(f"--n-cpu-moe must be 0 or more, got {n_cpu_moe}")
+    devices, split = _gpu_devices(hw)
+    n = summary.n_layer
+    ngl = n + 1 if n_gpu_layers is None else max(0, n_gpu_layers)
+    if not devices:
+        ngl = 0
+    if cpu_moe:
+        overrides, k = layout.cpu_moe_overrides(), n
+    elif n_cpu_moe:
+        overrides, k = layout.n_cpu_moe_overrides(min(n_cpu_moe, n)), min(n_cpu_moe, n)
+    else:
+        overrides, k = (), 0
+    placement = Placement(n_gpu_layers=ngl, n_cpu_moe=k if devices and ngl else 0,
+                          tensor_overrides=overrides if devices and ngl else (),
+                          devices=devices if ngl else (), tensor_split=split if ngl else ())
+    return make_plan(summary, placement, options, hw)
+
+
+def recommend_quant(summaries: Sequence[ModelSummary], hw: Hardware, options: RunOptions,
+                    ctx_requested: bool = True) -> int | None:
+    """Index of the quantization to use (rule: see ACCEPTABLE_TPS), or None when none fits."""
+    results = [fit(s, hw, options, ctx_requested=ctx_requested) for s in summaries]
+    return rank_quants(summaries, results)
+
+
+def rank_quants(summaries: Sequence[ModelSummary], results: Sequence[FitResult]) -> int | None:
+    fitting = [i for i, r in enumerate(results) if r.best is not None]
+    if not fitting:
+        return None
+    fast = [i for i in fitting if results[i].best.predicted.decode_tps >= ACCEPTABLE_TPS]
+    if fast:
+        return max(fast, key=lambda i: (summaries[i].bits_per_weight, results[i].best.predicted.decode_tps))
+    return max(fitting, key=lambda i: results[i].best.predicted.decode_tps)
+
+
+# ---- llama.cpp flags -------------------------------------------------------------------------
+
+
+def llama_cpp_flags(plan: Plan, hw: Hardware | None = None) -> list[str]:
+    """The llama-server / llama-cli flags that give the same placement."""
+    p, o = plan.placement, plan.options
+    flags = []
+    if hw is not None and hw.workers and any(d.startswith("rpc") for d in p.devices):
+        # the workers' devices, then the local GPUs, named as llama.cpp registers them for --rpc
+        flags += ["--rpc", ",".join(hw.workers), "-dev", ",".join(_llama_dev(d, hw) for d in p.devices)]
+    flags += ["-ngl", str(p.n_gpu_layers if p.devices else 0)]
+    if p.tensor_overrides == layout.cpu_moe_overrides():
+        flags.append("--cpu-moe")
+    elif p.tensor_overrides == layout.n_cpu_moe_overrides(p.n_cpu_moe) and p.n_cpu_moe:
+        flags += ["--n-cpu-moe", str(p.n_cpu_moe)]
+    elif p.tensor_overrides:
+        flags += ["-ot", ",".join(f"{pat}={_llama_dev(dev, hw)}" for pat, dev in p.tensor_overrides)]
+    if len(p.devices) > 1 and p.tensor_split:
+        total = sum(p.tensor_split) or 1
+        flags += ["-ts", ",".join(f"{s / total:.2f}" for s in p.tensor_split)]
+    flags += ["-c", str(o.n_ctx)]
+    if o.n_ubatch != 512:
+        flags += ["-ub", str(o.n_ubatch)]
+    if o.n_batch != 2048:
+        flags += ["-b", str(o.n_batch)]
+    if o.kv_type != "f16":
+        flags += ["-ctk", o.kv_type, "-ctv", o.kv_type]
+    flags += ["-fa", "on" if o.flash_attn else "off"]
+    if o.swa_full:
+        flags.append("--swa-full")
+    if o.n_threads:
+        flags += ["-t", str(o.n_threads)]
+    if p.from_disk:
+        flags.append("--mmap")
+    return flags
+
+
+def _llama_dev(dev: str, hw: Hardware | None) -> str:
+    if dev == CPU:
+        return "CPU"
+    if dev.startswith("rpc"):
+        return f"RPC{int(dev[3:])}"  # llama.cpp numbers the devices of --rpc servers in order
+    idx = int(dev[3:])
+    backend = hw.gpus[idx].backend if hw and idx < len(hw.gpus) else "cuda"
+    return {"cuda": f"CUDA{idx}", "metal": "MTL0", "vulkan": f"Vulkan{idx}"}.get(backend, dev.upper())

@@ -1,0 +1,623 @@
+"""An OpenAI-compatible HTTP server around one loaded Engine.
+
+``create_app(engine, model_id)`` builds the ASGI app: POST /v1/chat/completions and /v1/completions
+(streamed as server-sent events or not), GET /v1/models and GET /health. llama.cpp contexts are not
+thread-safe, so one worker thread owns the engine and takes requests from a queue: one at a time by
+default, or, with ``parallel > 1``, requests that wait together run together as llama.cpp parallel
+sequences (on the test models that gave about the same tokens/s as one at a time with 4 clients: see
+scripts/bench_serve.py). A client that goes away cancels its request; the worker drops it before it
+starts, or stops it at its next token. Errors are OpenAI's shape,
+``{"error": {"message", "type", "param", "code"}}``, and no request, however bad, stops the server.
+
+Prompts are rendered and tokenized on the event loop (llama.cpp's tokenizer only reads the
+vocabulary, as llama-server's HTTP threads do too), so a prompt that cannot fit is refused at once
+with a 400, without waiting for the queue. Nothing here prints: uvicorn logs requests.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+import json
+import queue
+import threading
+import time
+import uuid
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from moelocal.engine import Chunk, Engine, SamplingParams
+from moelocal.errors import MoelocalError, UsageError
+
+# Roles the chat endpoint passes to the model's template; "developer" is OpenAI's newer name for system.
+ROLES = ("system", "developer", "user", "assistant", "tool")
+# How long shutdown waits for the worker to leave llama.cpp; an engine still in use is not closed.
+STOP_TIMEOUT = 10.0
+
+
+class ApiError(Exception):
+    """A request the server refuses: becomes an OpenAI-style error body with this status."""
+
+    def __init__(self, status: int, message: str, *, type: str = "invalid_request_error", code: str | None = None,
+                 param: str | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+
+
+# ---- the worker: the only thread that touches the llama.cpp context ---------------------------
+
+
+@dataclass(eq=False)
+class Job:
+    """One request on its way through the worker. The worker ``put``s chunks from its thread; the
+    event loop reads them in ``batches``: all that arrived since it last looked, so a fast model
+    costs one wake-up (and one write to the client) per batch rather than per token."""
+
+    tokens: list[int]
+    params: SamplingParams
+    loop: asyncio.AbstractEventLoop
+    cancelled: threading.Event = field(default_factory=threading.Event)
+    _items: deque = field(default_factory=deque)
+    _ready: asyncio.Event = field(default_factory=asyncio.Event)
+    _woken: bool = False  # a wake-up is on its way to the event loop
+
+    def cancel(self) -> None:
+        self.cancelled.set()
+
+    def put(self, item: Chunk | BaseException | None) -> None:
+        """From the worker thread: a chunk, an error, or None for 'nothing more'."""
+        self._items.append(item)
+        if not self._woken:
+            self._woken = True
+            try:
+                self.loop.call_soon_threadsafe(self._ready.set)
+            except RuntimeError:  # the event loop is gone (shutdown): nobody is listening
+                self.cancel()
+
+    async def batches(self) -> AsyncIterator[list[Chunk]]:
+        """Lists of chunks up to the last one (finish_reason set); raises what the worker raised."""
+        while True:
+            await self._ready.wait()
+            self._ready.clear()
+            self._woken = False  # before reading: an item put from now on brings a new wake-up
+            batch: list[Chunk] = []
+            while self._items:
+                item = self._items.popleft()
+                if isinstance(item, BaseException):
+                    if batch:
+                        yield batch
+                    raise item
+                if item is None or item.done:
+                    if item is not None:
+                        batch.append(item)
+                    if batch:
+                        yield batch
+                    return
+                batch.append(item)
+            if batch:
+                yield batch
+
+    async def chunks(self) -> AsyncIterator[Chunk]:
+        async for batch in self.batches():
+            for chunk in batch:
+                yield chunk
+
+
+class Worker:
+    """Runs jobs on one engine in a thread of its own.
+
+    A request that finds nothing else waiting runs alone in sequence 0, where the engine reuses the
+    KV cache of a prompt that starts like the last one (a chat's earlier turns). With ``parallel`` > 1,
+    requests that are waiting together run together as parallel sequences.
+    """
+
+    def __init__(self, engine: Engine, parallel: int = 1) -> None:
+        self.engine = engine
+        self.parallel = max(1, min(parallel, engine.n_seq_max))
+        self.jobs: queue.SimpleQueue[Job | None] = queue.SimpleQueue()
+        self.running = 0
+        self.completed = 0
+        self.cancelled = 0  # stopped early because the client left
+        self._stopping = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="moelocal-engine", daemon=True)
+
+    @property
+    def queued(self) -> int:
+        return self.jobs.qsize()
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def submit(self, job: Job) -> None:
+        self.jobs.put(job)
+
+    def stop(self, timeout: float = STOP_TIMEOUT) -> bool:
+        """Stop at the next token and drop what is queued; False if the worker did not leave in time."""
+        self._stopping.set()
+        self.jobs.put(None)
+        if self._thread.is_alive():
+            self._thread.join(timeout)
+        return not self._thread.is_alive()
+
+    def _run(self) -> None:
+        while not self._stopping.is_set():
+            job = self.jobs.get()
+            if job is None or self._stopping.is_set():
+                break
+            if job.cancelled.is_set():
+                self.cancelled += 1
+                job.put(None)
+            elif self.parallel > 1 and not self.jobs.empty():
+                self._run_many(job)
+            else:
+                self._run_one(job)
+        self._drain()
+
+    def _run_one(self, job: Job) -> None:
+        self.running = 1
+        stream: Iterator[Chunk] | None = None
+        try:
+            stream = self.engine.generate(job.tokens, job.params)
+            for chunk in stream:
+                if job.cancelled.is_set() or self._stopping.is_set():
+                    self.cancelled += 1
+                    break  # closing the generator leaves the KV cache consistent for the next request
+                job.put(chunk)
+                if chunk.done:
+                    self.completed += 1
+        except Exception as exc:
+            job.put(exc)
+        finally:
+            if stream is not None:
+                stream.close()  # type: ignore[attr-defined]
+            self.running = 0
+            job.put(None)
+
+    def _run_many(self, first: Job) -> None:
+        """``first`` and whatever else is queued, as parallel sequences sharing each llama_decode.
+
+        generate_many reads its requests lazily but has no way to hear "nothing new yet", nor to stop
+        one sequence: so a run takes what is queued when it starts or a sequence frees up, requests
+        that arrive when the queue has run dry wait for the next run, and a cancelled request is
+        stopped through its max_tokens (see _Cancellable).
+        """
+        wave: list[Job] = []
+
+        def source() -> Iterator[tuple[list[int], SamplingParams]]:
+            job: Job | None = first
+            while job is not None:
+                if job.cancelled.is_set():
+                    self.cancelled += 1
+                    job.put(None)
+                else:
+                    wave.append(job)
+                    self.running += 1
+                    yield job.tokens, _Cancellable.wrap(job.params, job.cancelled)
+                try:
+                    job = self.jobs.get_nowait()
+                except queue.Empty:
+                    return
+                if job is None:  # stop() was called: the loop in _run sees _stopping
+                    return
+
+        try:
+            for chunk in self.engine.generate_many(source(), parallel=self.parallel):
+                job = wave[chunk.index]
+                if self._stopping.is_set():
+                    job.cancel()  # every sequence ends at its next token
+                cancelled = job.cancelled.is_set()  # read once: the client may cancel once it has the last chunk
+                if chunk.finish_reason == "error":
+                    job.put(UsageError(chunk.text))
+                elif not cancelled:
+                    job.put(chunk)
+                if chunk.done:
+                    self.running -= 1
+                    if cancelled:
+                        self.cancelled += 1
+                    elif chunk.finish_reason != "error":
+                        self.completed += 1
+                    job.put(None)
+        except Exception as exc:
+            for job in wave:
+                job.put(exc)
+        finally:
+            self.running = 0
+            for job in wave:
+                job.put(None)
+
+    def _drain(self) -> None:
+        while True:
+            try:
+                job = self.jobs.get_nowait()
+            except queue.Empty:
+                return
+            if job is not None:
+                job.cancel()
+                job.put(None)
+
+
+class _Cancellable(SamplingParams):
+    """SamplingParams whose ``max_tokens`` reads as 1 once ``event`` is set.
+
+    The engine's per-sequence stream checks ``max_tokens`` after every token, so a cancelled
+    sequence of a generate_many run ends (finish_reason "length") at its next token and frees its
+    slot; the other sequences go on. A stop-gap until the engine has a cancel hook.
+    """
+
+    @classmethod
+    def wrap(cls, params: SamplingParams, event: threading.Event) -> SamplingParams:
+        obj = cls(**{f: getattr(params, f) for f in params.__dataclass_fields__})
+        object.__setattr__(obj, "_event", event)
+        return obj
+
+    @property  # type: ignore[override]
+    def max_tokens(self) -> int:
+        event = self.__dict__.get("_event")
+        return 1 if event is not None and event.is_set() else self.__dict__["_max_tokens"]
+
+    @max_tokens.setter
+    def max_tokens(self, value: int) -> None:
+        self.__dict__["_max_tokens"] = value
+
+
+# ---- requests -----------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Call:
+    """A parsed completion request: prompt tokens, sampling, and how to answer."""
+
+    tokens: list[int]
+    params: SamplingParams
+    stream: bool
+    include_usage: bool
+
+
+def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
+    """OpenAI chat messages as the {"role", "content"} dicts a chat template reads."""
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
+                       param="messages")
+    out = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict):
+            raise ApiError(400, f"messages[{i}] is not an object", param=f"messages[{i}]")
+        role = m.get("role")
+        if role not in ROLES:
+            raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}",
+                           param=f"messages[{i}].role")
+        out.append({"role": "system" if role == "developer" else role, "content": _content(m.get("content"), i)})
+    return out
+
+
+def _content(content: Any, i: int) -> str:
+    if content is None:
+        return ""  # an assistant turn that only called tools
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list):
+        parts = []
+        for part in content:
+            if isinstance(part, dict) and part.get("type") == "text" and isinstance(part.get("text"), str):
+                parts.append(part["text"])
+            else:
+                kind = part.get("type") if isinstance(part, dict) else type(part).__name__
+                raise ApiError(400, f"messages[{i}].content has a {kind!r} part; this server reads text only",
+                               param=f"messages[{i}].content")
+        return "".join(parts)
+    raise ApiError(400, f"messages[{i}].content must be a string or a list of text parts",
+                   param=f"messages[{i}].content")
+
+
+def completion_prompt(body: Mapping[str, Any]) -> str:
+    prompt = body.get("prompt")
+    if isinstance(prompt, list) and len(prompt) == 1 and isinstance(prompt[0], str):
+        prompt = prompt[0]
+    if not isinstance(prompt, str):
+        raise ApiError(400, "'prompt' must be a string (or a list of one string)", param="prompt")
+    if not prompt:
+        raise ApiError(400, "'prompt' is empty", param="prompt")
+    return prompt
+
+
+def sampling(body: Mapping[str, Any], room: int, base: SamplingParams) -> SamplingParams:
+    """The request's sampling fields over ``base``; ``room`` (what is left of the context) is the
+    default max_tokens, as OpenAI's is 'until the context is full'."""
+    n = body.get("n")
+    if n is not None and n != 1:
+        raise ApiError(400, "only n=1 is supported", param="n")
+    changes: dict[str, Any] = {}
+    max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
+    changes["max_tokens"] = room if max_tokens is None else _int(max_tokens, "max_tokens")
+    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p")):
+        if body.get(key) is not None:
+            changes[name] = _number(body[key], key)
+    for key in ("top_k", "seed"):
+        if body.get(key) is not None:
+            changes[key] = _int(body[key], key)
+    if body.get("ignore_eos") is not None:
+        changes["ignore_eos"] = bool(body["ignore_eos"])
+    stop = body.get("stop")
+    if stop is not None:
+        stop = [stop] if isinstance(stop, str) else stop
+        if not isinstance(stop, list) or not all(isinstance(s, str) for s in stop):
+            raise ApiError(400, "'stop' must be a string or a list of strings", param="stop")
+        changes["stop"] = tuple(stop)
+    try:
+        return replace(base, **changes).check()
+    except UsageError as exc:
+        raise ApiError(400, exc.message) from None
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise ApiError(400, f"'{name}' must be an integer", param=name)
+    return value
+
+
+def _number(value: Any, name: str) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise ApiError(400, f"'{name}' must be a number", param=name)
+    return float(value)
+
+
+def _stream_flags(body: Mapping[str, Any]) -> tuple[bool, bool]:
+    stream = body.get("stream") or False
+    if not isinstance(stream, bool):
+        raise ApiError(400, "'stream' must be true or false", param="stream")
+    options = body.get("stream_options") or {}
+    if not isinstance(options, dict):
+        raise ApiError(400, "'stream_options' must be an object", param="stream_options")
+    return stream, bool(options.get("include_usage"))
+
+
+# ---- responses ----------------------------------------------------------------------------------
+
+
+def usage(last: Chunk) -> dict[str, Any]:
+    return {
+        "prompt_tokens": last.prompt_tokens,
+        "completion_tokens": last.completion_tokens,
+        "total_tokens": last.prompt_tokens + last.completion_tokens,
+        "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
+    }
+
+
+def _sse(data: Mapping[str, Any] | str) -> str:
+    return f"data: {data if isinstance(data, str) else json.dumps(data, ensure_ascii=False)}\n\n"
+
+
+def _error_for(exc: BaseException) -> ApiError:
+    if isinstance(exc, ApiError):
+        return exc
+    if isinstance(exc, UsageError):
+        return ApiError(400, exc.message)
+    if isinstance(exc, MoelocalError):
+        return ApiError(500, str(exc), type="server_error")
+    return ApiError(500, f"unexpected {type(exc).__name__}: {exc}", type="server_error")
+
+
+def error_response(exc: BaseException) -> JSONResponse:
+    err = _error_for(exc)
+    return JSONResponse(err.body(), status_code=err.status)
+
+
+# ---- the app ------------------------------------------------------------------------------------
+
+
+def create_app(
+    engine: Engine | Callable[[], Engine],
+    model_id: str,
+    api_key: str | None = None,
+    *,
+    parallel: int = 1,
+    defaults: SamplingParams | None = None,
+) -> FastAPI:
+    """The server's ASGI app around ``engine`` (or a callable that loads one at startup and is then
+    closed at shutdown). ``model_id`` is the one model it lists and answers to; with ``api_key``,
+    every /v1 request needs ``Authorization: Bearer <api_key>``. ``defaults`` are the sampling
+    settings a request does not give (the engine's own by default)."""
+    state: dict[str, Any] = {}
+    base = defaults or SamplingParams()
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: FastAPI) -> AsyncIterator[None]:
+        owned = not isinstance(engine, Engine)
+        eng = engine() if owned else engine  # type: ignore[operator]
+        worker = Worker(eng, parallel)
+        worker.start()
+        state.update(engine=eng, worker=worker, created=int(time.time()))
+        try:
+            yield
+        finally:
+            left = worker.stop()
+            _app.state.stopped = left
+            if owned and left:  # closing the engine under a running decode would crash the process
+                eng.close()
+
+    app = FastAPI(title="moelocal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+
+    @app.exception_handler(ApiError)
+    async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:
+        return JSONResponse(exc.body(), status_code=exc.status)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http_error(_request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code)
+        return JSONResponse(ApiError(exc.status_code, str(exc.detail), code=code).body(), status_code=exc.status_code)
+
+    @app.exception_handler(Exception)
+    async def _unexpected(_request: Request, exc: Exception) -> JSONResponse:
+        return error_response(exc)
+
+    def authorize(request: Request) -> None:
+        if api_key is None:
+            return
+        scheme, _, token = request.headers.get("authorization", "").partition(" ")
+        # compare_digest: the time taken does not tell how much of a guessed key was right
+        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), api_key.encode()):
+            raise ApiError(401, "invalid or missing API key: send the header 'Authorization: Bearer <key>'",
+                           code="invalid_api_key")
+
+    async def read_body(request: Request) -> dict[str, Any]:
+        authorize(request)
+        raw = await request.body()
+        try:
+            body = json.loads(raw)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+            raise ApiError(400, f"the request body is not valid JSON: {exc}") from None
+        if not isinstance(body, dict):
+            raise ApiError(400, "the request body must be a JSON object")
+        model = body.get("model")
+        if not isinstance(model, str) or not model:
+            raise ApiError(400, "you must provide a model parameter", param="model")
+        if model != model_id:
+            raise ApiError(404, f"the model {model!r} does not exist; this server runs {model_id!r}",
+                           code="model_not_found", param="model")
+        return body
+
+    async def prepare(body: Mapping[str, Any], render: Callable[[], list[int]]) -> Call:
+        eng: Engine = state["engine"]
+        stream, include_usage = _stream_flags(body)
+        try:
+            tokens = await asyncio.to_thread(render)
+        except MoelocalError as exc:  # the chat template refused these messages
+            raise ApiError(400, exc.message) from None
+        limit = eng.n_ctx_seq
+        if not tokens:
+            raise ApiError(400, "the prompt is empty", param="prompt")
+        if len(tokens) >= limit:
+            raise ApiError(400, f"the prompt has {len(tokens)} tokens and this server's context holds {limit} "
+                           "(prompt and answer together); send a shorter prompt, or start the server with a "
+                           "larger --ctx", code="context_length_exceeded")
+        return Call(tokens, sampling(body, limit - len(tokens), base), stream, include_usage)
+
+    @app.get("/health")
+    async def health() -> dict[str, Any]:
+        w: Worker = state["worker"]
+        return {"status": "ok", "model": model_id, "running": w.running, "queued": w.queued,
+                "completed": w.completed, "cancelled": w.cancelled}
+
+    @app.get("/v1/models")
+    async def models(request: Request) -> dict[str, Any]:
+        authorize(request)
+        return {"object": "list", "data": [_model_card(model_id, state["created"])]}
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str, request: Request) -> dict[str, Any]:
+        authorize(request)
+        if name != model_id:
+            raise ApiError(404, f"the model {name!r} does not exist; this server runs {model_id!r}",
+                           code="model_not_found")
+        return _model_card(model_id, state["created"])
+
+    async def answer(request: Request, body: Mapping[str, Any], render: Callable[[], list[int]], chat: bool
+                     ) -> Response:
+        call = await prepare(body, render)
+        job = Job(call.tokens, call.params, asyncio.get_running_loop())
+        state["worker"].submit(job)
+        head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
+                "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
+                "model": model_id}
+        if call.stream:
+            return _streaming(job, call, head, chat)
+        text, last = await _collect(request, job)
+        said = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
+        return JSONResponse({**head, "choices": [{"index": 0, **said, "logprobs": None,
+                                                  "finish_reason": last.finish_reason}], "usage": usage(last)})
+
+    @app.post("/v1/chat/completions")
+    async def chat_completions(request: Request) -> Response:
+        body = await read_body(request)
+        messages = chat_messages(body)
+        return await answer(request, body, lambda: state["engine"].chat_tokens(messages), chat=True)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        body = await read_body(request)
+        prompt = completion_prompt(body)
+        return await answer(request, body, lambda: state["engine"].tokenize(prompt), chat=False)
+
+    return app
+
+
+def _model_card(model_id: str, created: int) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": created, "owned_by": "moelocal"}
+
+
+async def _collect(request: Request, job: Job) -> tuple[str, Chunk]:
+    """The whole answer; cancels the job if the client leaves before it is done."""
+
+    async def watch() -> None:
+        while (await request.receive())["type"] != "http.disconnect":
+            pass
+        job.cancel()
+
+    watcher = asyncio.ensure_future(watch())
+    pieces: list[str] = []
+    last: Chunk | None = None
+    try:
+        async for chunk in job.chunks():
+            pieces.append(chunk.text)
+            last = chunk
+    finally:
+        watcher.cancel()
+        job.cancel()  # a no-op when it finished; stops it when this handler was cancelled
+    if last is None or not last.done:
+        raise ApiError(499, "the request was cancelled", code="cancelled")  # the client is gone: nobody reads it
+    return "".join(pieces), last
+
+
+def _streaming(job: Job, call: Call, head: dict[str, Any], chat: bool) -> StreamingResponse:
+    """Server-sent events: OpenAI's chunks, then (if asked) one with the usage, then [DONE]."""
+    if chat:
+        head = {**head, "object": "chat.completion.chunk"}
+
+    def piece(text: str | None, finish: str | None = None) -> str:
+        # chat chunks carry a delta (the first one the role), completion chunks the text itself
+        said = ({"delta": {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}}
+                if chat else {"text": text or ""})
+        return _sse({**head, "choices": [{"index": 0, **said, "logprobs": None, "finish_reason": finish}]})
+
+    async def events() -> AsyncIterator[str]:
+        try:
+            if chat:
+                yield piece(None)
+            last = None
+            async for batch in job.batches():
+                last = batch[-1]
+                text = "".join(piece(c.text) for c in batch if c.text)
+                if text:
+                    yield text
+            if last is None or not last.done:
+                return  # cancelled (the server is stopping)
+            yield piece("", last.finish_reason)
+            if call.include_usage:
+                yield _sse({**head, "choices": [], "usage": usage(last)})
+            yield _sse("[DONE]")
+        except Exception as exc:  # the headers are sent: the error goes in the stream, as OpenAI does
+            yield _sse(_error_for(exc).body())
+        finally:
+            job.cancel()  # the client left (Starlette cancels this generator) or the answer is done
+
+    return StreamingResponse(events(), media_type="text/event-stream",
+                             headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
+
+
+__all__ = ["ApiError", "Call", "Job", "Worker", "chat_messages", "completion_prompt", "create_app", "sampling",
+           "usage"]
