@@ -1,0 +1,122 @@
+"""`moelocal chat` in a real terminal: tmux runs it, types into it and reads the screen back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shlex
+import shutil
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+
+import pytest
+
+needs_tmux = pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux is not installed (apt-get install tmux)")
+
+
+class Terminal:
+    """One tmux session running one command, 100 x 30 characters."""
+
+    def __init__(self, command: str, env: dict[str, str]) -> None:
+        self.name = f"moelocal-test-{uuid.uuid4().hex[:8]}"
+        exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
+        # after the command ends, say how, and keep the pane open to be read
+        script = f"env {exports} {command}; echo EXITED $?; sleep 60"
+        subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "100", "-y", "30", script], check=True)
+        subprocess.run(["tmux", "set-option", "-t", self.name, "history-limit", "5000"], check=True)
+
+    def screen(self) -> str:
+        run = subprocess.run(["tmux", "capture-pane", "-p", "-J", "-S", "-5000", "-t", self.name],
+                             capture_output=True, text=True)
+        return run.stdout
+
+    def keys(self, *keys: str) -> None:
+        subprocess.run(["tmux", "send-keys", "-t", self.name, *keys], check=True)
+
+    def type(self, line: str) -> None:
+        self.keys("-l", line)
+        self.keys("Enter")
+
+    def wait(self, check: Callable[[str], bool], what: str, timeout: float = 30) -> str:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            text = self.screen()
+            if check(text):
+                return text
+            time.sleep(0.05)
+        raise AssertionError(f"timed out waiting for {what}; the screen:\n{self.screen()[-3000:]}")
+
+    def close(self) -> None:
+        subprocess.run(["tmux", "kill-session", "-t", self.name], capture_output=True)
+
+
+@pytest.fixture
+def terminal():
+    opened: list[Terminal] = []
+
+    def start(command: str) -> Terminal:
+        env = {k: v for k, v in os.environ.items() if k in ("MOELOCAL_HOME", "PATH", "HOME", "PYTHONPATH")}
+        env["TERM"] = "xterm-256color"
+        t = Terminal(command, env)
+        opened.append(t)
+        return t
+
+    yield start
+    for t in opened:
+        t.close()
+
+
+@needs_tmux
+def test_chat_two_turns_a_slash_command_and_ctrl_c(models, terminal, tmp_path):
+    model = models["qwen3moe-q8_0"]
+    # --ignore-eos: answers run to --max-tokens, so the second one is still going when Ctrl-C comes
+    cmd = (f"{shlex.quote(sys.executable)} -m moelocal chat {shlex.quote(str(model))} --seed 1 --threads 1 "
+           "--ctx 8192 --max-tokens 3000 --ignore-eos")
+    t = terminal(cmd)
+    t.wait(lambda s: "Chatting with moelocal test qwen3moe" in s and s.rstrip().endswith(">"), "the prompt")
+
+    t.type("Hello there")
+    t.wait(lambda s: "3000 tokens · " in s and s.rstrip().endswith(">"), "the first answer and its status line")
+
+    t.type("/stats")
+    screen = t.wait(lambda s: "tokens generated: 3000" in s, "/stats")
+    assert "turns: 1," in screen and "placement: CPU only" in screen and "threads: 1, context: 8192" in screen
+
+    t.type("Tell me more")
+    before = len(t.screen())
+    t.wait(lambda s: len(s) > before + 200, "the second answer to start")
+    t.keys("C-c")
+    screen = t.wait(lambda s: "[stopped]" in s and s.rstrip().endswith(">"), "Ctrl-C to stop the answer")
+    status = screen.split("[stopped]", 1)[1].strip().splitlines()[0]
+    assert 0 < int(status.split(" tokens · ")[0]) < 3000  # the second answer did not run to its end
+    assert "experts in RAM" in status
+
+    saved = tmp_path / "chat.json"
+    t.type(f"/save {saved}")
+    t.wait(lambda s: f"Saved 4 messages to {saved}." in s, "/save")
+    messages = json.loads(saved.read_text())["messages"]
+    assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
+    assert [messages[0]["content"], messages[2]["content"]] == ["Hello there", "Tell me more"]
+    assert 0 < len(messages[3]["content"]) < len(messages[1]["content"])  # the stopped answer is kept, cut short
+
+    t.keys("C-d")
+    screen = t.wait(lambda s: "EXITED" in s, "Ctrl-D to leave")
+    assert "EXITED 0" in screen
+    assert "Traceback" not in screen and "Error" not in screen
+
+
+def test_chat_drops_the_oldest_turns_near_the_context_limit(models):
+    """Without a terminal chat reads lines from stdin: four turns of 64 tokens in a 256-token context."""
+    lines = "\n".join(["First question", "Second question", "/system Be brief.", "Third question",
+                       "Fourth question", "/exit", "never read"]) + "\n"
+    run = subprocess.run([sys.executable, "-m", "moelocal", "chat", str(models["qwen3moe-q8_0"]), "--seed", "1",
+                          "--threads", "1", "--ctx", "256", "--max-tokens", "64", "--ignore-eos"],
+                         input=lines, capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, run.stderr
+    assert run.stderr.count("64 tokens · ") == 4
+    assert "(dropped the 2 oldest messages to stay within the 256-token context)" in run.stderr
+    assert "System message set; it applies from the next answer." in run.stderr
+    assert "Error" not in run.stderr

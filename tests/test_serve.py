@@ -1,0 +1,434 @@
+"""`moelocal serve`: a real uvicorn server on loopback around a real engine, driven by the official
+openai client. Every answer is checked against what the engine itself generates for the same settings."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from moelocal import testmodels
+from moelocal.engine import Engine, SamplingParams
+from moelocal.errors import UsageError
+from moelocal.plan import Placement, Plan, Prediction, RunOptions
+
+CTX = 2048  # per sequence: room for answers long enough to be cut off mid-stream
+SYSTEM = {"role": "system", "content": "You are terse."}
+GREEDY = SamplingParams(temperature=0, max_tokens=24)
+
+
+def cpu_plan(ctx: int = CTX, n_seq: int = 1) -> Plan:
+    """What the planner picks on a machine without a GPU; one thread, as this machine is shared."""
+    options = RunOptions(n_ctx=ctx * n_seq, n_seq=n_seq, n_threads=1)
+    return Plan(placement=Placement(), options=options, memory={}, budget={}, predicted=Prediction(0, 0), fits=True)
+
+
+@pytest.fixture(scope="module")
+def model(model_dir: Path) -> Path:
+    return testmodels.build_all(model_dir, quants=("q8_0",), archs=("qwen3moe",))["qwen3moe-q8_0"]
+
+
+@pytest.fixture(scope="module")
+def ref(model: Path) -> Iterator[Engine]:
+    """An engine of its own to compute the expected answers (the served one belongs to its worker)."""
+    with Engine.load(model, cpu_plan()) as engine:
+        yield engine
+
+
+def expected(engine: Engine, prompt, params: SamplingParams) -> tuple[str, object]:
+    engine.reset()
+    chat = isinstance(prompt, list) and isinstance(prompt[0], dict)
+    stream = engine.chat(prompt, params) if chat else engine.generate(prompt, params)
+    chunks = list(stream)
+    return "".join(c.text for c in chunks), chunks[-1]
+
+
+@contextmanager
+def running(app) -> Iterator[str]:
+    """``app`` under uvicorn in a thread, on a free loopback port; stops (and is checked stopped) on exit."""
+    import uvicorn
+
+    sock = socket.create_server(("127.0.0.1", 0))
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 20
+    while not server.started:
+        assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{sock.getsockname()[1]}"
+    finally:
+        server.should_exit = True
+        thread.join(20)
+        sock.close()
+        assert not thread.is_alive(), "the server did not stop"
+
+
+@contextmanager
+def serving(model: Path, *, n_seq: int = 1, ctx: int = CTX, **options) -> Iterator[str]:
+    pytest.importorskip("fastapi")
+    pytest.importorskip("uvicorn")
+    from moelocal.server import create_app
+
+    with Engine.load(model, cpu_plan(ctx, n_seq)) as engine, running(
+        create_app(engine, "qwen3moe-q8_0", parallel=n_seq, **options)
+    ) as url:
+        yield url
+
+
+@pytest.fixture(scope="module")
+def url(model: Path) -> Iterator[str]:
+    with serving(model) as base:
+        yield base
+
+
+def client(base: str, key: str = "unused"):
+    openai = pytest.importorskip("openai")
+    return openai.OpenAI(base_url=base + "/v1", api_key=key, max_retries=0, timeout=60)
+
+
+def health(base: str) -> dict:
+    import httpx
+
+    r = httpx.get(base + "/health", timeout=10)
+    assert r.status_code == 200
+    return r.json()
+
+
+def wait_idle(base: str, cancelled: int, within: float) -> dict:
+    """/health once nothing runs and ``cancelled`` requests were cut short, or fail after ``within`` s."""
+    deadline = time.monotonic() + within
+    while True:
+        h = health(base)
+        if h["running"] == 0 and h["cancelled"] == cancelled:
+            return h
+        assert time.monotonic() < deadline, f"still busy after {within} s: {h}"
+        time.sleep(0.02)
+
+
+def still_serves(base: str) -> None:
+    r = client(base).completions.create(model="qwen3moe-q8_0", prompt="Hi", max_tokens=3, temperature=0)
+    assert r.choices[0].finish_reason in ("stop", "length") and r.usage.completion_tokens <= 3
+    assert health(base)["status"] == "ok"
+
+
+# ---- answers ------------------------------------------------------------------------------------
+
+
+def test_chat_is_the_engines_answer_greedy_and_seeded(url, ref):
+    messages = [SYSTEM, {"role": "user", "content": "Name a moon of Jupiter."}]
+    want, last = expected(ref, messages, GREEDY)
+    r = client(url).chat.completions.create(model="qwen3moe-q8_0", messages=messages, temperature=0, max_tokens=24)
+    assert r.object == "chat.completion" and r.model == "qwen3moe-q8_0"
+    assert r.choices[0].message.role == "assistant"
+    assert r.choices[0].message.content == want
+    assert r.choices[0].finish_reason == last.finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ref.chat_tokens(messages)), 24)
+    assert r.usage.total_tokens == r.usage.prompt_tokens + 24
+
+    seeded = SamplingParams(temperature=0.9, top_p=0.9, seed=11, max_tokens=16)
+    want, _ = expected(ref, messages, seeded)
+    r = client(url).chat.completions.create(model="qwen3moe-q8_0", messages=messages, temperature=0.9, top_p=0.9,
+                                            seed=11, max_tokens=16)
+    assert r.choices[0].message.content == want
+    # the same conversation again: the server's cache already holds the prompt
+    assert r.usage.prompt_tokens_details.cached_tokens == r.usage.prompt_tokens - 1
+
+
+def test_chat_stream_carries_the_same_text_and_usage(url, ref):
+    messages = [{"role": "user", "content": [{"type": "text", "text": "Tell "}, {"type": "text", "text": "a tale."}]}]
+    want, _ = expected(ref, [{"role": "user", "content": "Tell a tale."}], GREEDY)
+    stream = client(url).chat.completions.create(model="qwen3moe-q8_0", messages=messages, temperature=0,
+                                                 max_tokens=24, stream=True, stream_options={"include_usage": True})
+    chunks = list(stream)
+    assert chunks[0].object == "chat.completion.chunk"
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks if c.choices) == want
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices]
+    assert finishes[-1] == "length" and set(finishes[:-1]) == {None}
+    assert chunks[-1].choices == [] and chunks[-1].usage.completion_tokens == 24
+    assert chunks[-1].usage.prompt_tokens == len(ref.chat_tokens([{"role": "user", "content": "Tell a tale."}]))
+    assert len({c.id for c in chunks}) == 1
+
+
+def test_completions_streamed_or_not_with_a_stop_string(url, ref):
+    prompt = "Once upon a time"
+    want, last = expected(ref, prompt, SamplingParams(temperature=0, max_tokens=20))
+    api = client(url)
+    r = api.completions.create(model="qwen3moe-q8_0", prompt=prompt, temperature=0, max_tokens=20)
+    assert r.object == "text_completion"
+    assert r.choices[0].text == want and r.choices[0].finish_reason == "length"
+    assert (r.usage.prompt_tokens, r.usage.completion_tokens) == (len(ref.tokenize(prompt)), 20)
+    streamed = list(api.completions.create(model="qwen3moe-q8_0", prompt=[prompt], temperature=0, max_tokens=20,
+                                           stream=True))
+    assert "".join(c.choices[0].text for c in streamed) == want
+    assert streamed[-1].choices[0].finish_reason == "length"
+
+    stop = want[len(want) // 2 :][:3]  # a piece from the middle: the answer ends just before it
+    head, _ = expected(ref, prompt, SamplingParams(temperature=0, max_tokens=20, stop=(stop,)))
+    r = api.completions.create(model="qwen3moe-q8_0", prompt=prompt, temperature=0, max_tokens=20, stop=[stop])
+    assert r.choices[0].text == head == want[: want.index(stop)]
+    assert r.choices[0].finish_reason == "stop"
+
+
+def test_models_and_health(url):
+    api = client(url)
+    assert [m.id for m in api.models.list()] == ["qwen3moe-q8_0"]
+    assert api.models.retrieve("qwen3moe-q8_0").owned_by == "moelocal"
+    h = health(url)
+    assert (h["status"], h["model"], h["running"], h["queued"]) == ("ok", "qwen3moe-q8_0", 0, 0)
+
+
+# ---- bad requests -------------------------------------------------------------------------------
+
+
+def test_bad_requests_get_openai_errors_and_the_server_goes_on(url, ref):
+    import httpx
+    import openai
+
+    endpoint = url + "/v1/chat/completions"
+    r = httpx.post(endpoint, content=b'{"model": "qwen3moe-q8_0", "messages": [', timeout=10)
+    assert r.status_code == 400
+    assert r.json() == {"error": {"message": "the request body is not valid JSON: Expecting value: line 1 column 41 "
+                                  "(char 40)", "type": "invalid_request_error", "param": None, "code": None}}
+    r = httpx.post(endpoint, json=["not", "an", "object"], timeout=10)
+    assert (r.status_code, r.json()["error"]["message"]) == (400, "the request body must be a JSON object")
+    r = httpx.post(endpoint, json={"model": "qwen3moe-q8_0", "messages": []}, timeout=10)
+    assert r.status_code == 400 and r.json()["error"]["param"] == "messages"
+    r = httpx.get(url + "/v1/nothing-here", timeout=10)
+    assert r.status_code == 404 and r.json()["error"]["type"] == "invalid_request_error"
+
+    api = client(url)
+    user = [{"role": "user", "content": "Hi"}]
+    with pytest.raises(openai.NotFoundError) as e:
+        api.chat.completions.create(model="gpt-4o", messages=user)
+    assert e.value.status_code == 404
+    assert e.value.body == {"message": "the model 'gpt-4o' does not exist; this server runs 'qwen3moe-q8_0'",
+                            "type": "invalid_request_error", "param": "model", "code": "model_not_found"}
+
+    huge = [{"role": "user", "content": "hello " * 1500}]
+    n = len(ref.chat_tokens(huge))
+    assert n >= CTX
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="qwen3moe-q8_0", messages=huge, stream=True)
+    assert e.value.body["code"] == "context_length_exceeded"
+    assert e.value.body["message"] == (f"the prompt has {n} tokens and this server's context holds {CTX} (prompt and "
+                                       "answer together); send a shorter prompt, or start the server with a larger "
+                                       "--ctx")
+
+    for bad, message in (
+        ({"n": 2}, "only n=1 is supported"),
+        ({"temperature": "hot"}, "'temperature' must be a number"),
+        ({"max_tokens": 0}, "max_tokens must be at least 1, got 0"),
+        ({"stop": [1]}, "'stop' must be a string or a list of strings"),
+    ):
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="qwen3moe-q8_0", messages=user, extra_body=bad)
+        assert e.value.body["message"] == message
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="qwen3moe-q8_0", messages=[
+            {"role": "user", "content": [{"type": "image_url", "image_url": {"url": "http://x/y.png"}}]}])
+    assert e.value.body["message"] == "messages[0].content has a 'image_url' part; this server reads text only"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.completions.create(model="qwen3moe-q8_0", prompt="")
+    assert e.value.body["message"] == "'prompt' is empty"
+    still_serves(url)
+
+
+def test_api_key_is_required_on_every_v1_request(model):
+    import httpx
+    import openai
+
+    with serving(model, ctx=256, api_key="s3cret") as base:
+        with pytest.raises(openai.AuthenticationError) as e:
+            client(base, "wrong").chat.completions.create(model="qwen3moe-q8_0",
+                                                          messages=[{"role": "user", "content": "Hi"}])
+        assert e.value.status_code == 401 and e.value.body["code"] == "invalid_api_key"
+        for method, path in (("GET", "/v1/models"), ("POST", "/v1/completions"), ("POST", "/v1/chat/completions")):
+            r = httpx.request(method, base + path, content=b"{", timeout=10)
+            assert r.status_code == 401, path
+            assert r.json()["error"]["message"] == ("invalid or missing API key: send the header "
+                                                    "'Authorization: Bearer <key>'")
+        assert health(base)["status"] == "ok"  # health checks need no key
+        r = client(base, "s3cret").completions.create(model="qwen3moe-q8_0", prompt="Hi", max_tokens=2)
+        assert r.usage.completion_tokens <= 2
+
+
+# ---- clients that leave -------------------------------------------------------------------------
+
+
+def test_a_client_that_disconnects_stops_its_answer(url):
+    import httpx
+
+    before = health(url)["cancelled"]
+    body = {"model": "qwen3moe-q8_0", "messages": [{"role": "user", "content": "Go on and on."}], "stream": True,
+            "temperature": 0, "ignore_eos": True}  # no max_tokens: it would run until the context is full
+    with httpx.Client(timeout=30) as http, http.stream("POST", url + "/v1/chat/completions", json=body) as r:
+        assert r.status_code == 200
+        seen = 0
+        for line in r.iter_lines():
+            if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                seen += 1
+            if seen == 3:
+                break  # leaving the block closes the connection mid-answer
+    wait_idle(url, before + 1, within=3)
+
+    # a whole (not streamed) answer is stopped too when its client gives up waiting
+    body["stream"] = False
+    with pytest.raises(httpx.ReadTimeout):
+        httpx.post(url + "/v1/chat/completions", json=body, timeout=httpx.Timeout(10, read=0.2))
+    wait_idle(url, before + 2, within=3)
+    still_serves(url)
+
+
+# ---- parallel sequences -------------------------------------------------------------------------
+
+
+def test_parallel_server_answers_concurrent_clients_like_the_engine(model, ref):
+    from concurrent.futures import ThreadPoolExecutor
+
+    prompts = [f"Question {i}: what is {7 * i}?" for i in range(6)]
+    wants = [expected(ref, [{"role": "user", "content": p}], GREEDY)[0] for p in prompts]
+
+    with serving(model, n_seq=4, ctx=256) as base:
+        api = client(base)
+
+        def ask(p: str):
+            return api.chat.completions.create(model="qwen3moe-q8_0", messages=[{"role": "user", "content": p}],
+                                               temperature=0, max_tokens=24)
+
+        with ThreadPoolExecutor(6) as pool:
+            answers = list(pool.map(ask, prompts))
+        assert [a.choices[0].message.content for a in answers] == wants
+        assert {a.usage.completion_tokens for a in answers} == {24}
+        h = wait_idle(base, 0, within=3)
+        assert h["completed"] == 6
+
+
+def test_parallel_sequences_cancel_one_and_finish_the_other(model, ref):
+    """Two jobs queued before the worker starts run as one generate_many batch; cancelling one ends
+    it at its next token while the other runs to the end."""
+    pytest.importorskip("fastapi")
+    from moelocal.server import Job, Worker
+
+    params = SamplingParams(temperature=0, max_tokens=200, ignore_eos=True)
+    prompts = [ref.tokenize("The first story"), ref.tokenize("The second story")]
+    want, _ = expected(ref, prompts[1], params)
+
+    async def run(worker: Worker) -> tuple[int, str]:
+        loop = asyncio.get_running_loop()
+        jobs = [Job(p, params, loop) for p in prompts]
+        for j in jobs:
+            worker.submit(j)
+        worker.start()
+        n_first = 0
+        async for _ in jobs[0].chunks():
+            n_first += 1
+            if n_first == 3:
+                jobs[0].cancel()
+        text = "".join([c.text async for c in jobs[1].chunks()])
+        return n_first, text
+
+    with Engine.load(model, cpu_plan(256, 4)) as engine:
+        worker = Worker(engine, parallel=4)
+        try:
+            n_first, text = asyncio.run(run(worker))
+        finally:
+            assert worker.stop()
+    assert n_first == 3  # nothing is delivered after the cancel, and the sequence stopped (or chunks() would hang)
+    assert text == want
+    assert (worker.completed, worker.cancelled) == (1, 1)
+
+
+# ---- the command --------------------------------------------------------------------------------
+
+
+def test_serve_without_the_extras_says_how_to_get_them(monkeypatch, capsys):
+    import typer
+
+    from moelocal import cli
+    from moelocal.commands import serve
+
+    for name in ("fastapi", "uvicorn", "moelocal.server"):
+        monkeypatch.setitem(sys.modules, name, None)  # `import fastapi` now raises ImportError
+    app = typer.Typer()
+    serve.register(app)
+    app.command("other")(lambda: None)  # two commands: `serve` stays a subcommand
+    monkeypatch.setattr(cli, "app", app)
+    with pytest.raises(SystemExit) as e:
+        cli.main(["serve"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err == "Error: moelocal serve needs FastAPI and uvicorn (pip install 'moelocal[serve]')\n"
+
+
+def test_listening_and_naming_helpers():
+    from moelocal.commands.serve import exposure_warning, is_loopback, listen, model_id_for
+
+    assert [is_loopback(h) for h in ("127.0.0.1", "127.0.0.2", "::1", "[::1]", "localhost", "0.0.0.0", "10.1.2.3",
+                                     "example.org")] == [True, True, True, True, True, False, False, False]
+    assert exposure_warning("127.0.0.1", None) is None
+    assert exposure_warning("0.0.0.0", "k") is None
+    assert exposure_warning("0.0.0.0", None) == ("listening on 0.0.0.0 without --api-key: anyone who can reach "
+                                                 "this port can use the model")
+    assert model_id_for(Path("/m/Qwen3-30B-A3B-Q4_K_M-00001-of-00003.gguf")) == "Qwen3-30B-A3B-Q4_K_M"
+    assert model_id_for(Path("tiny.gguf")) == "tiny"
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        with pytest.raises(UsageError) as e:
+            listen("127.0.0.1", port)
+    assert str(e.value) == (f"cannot listen on 127.0.0.1:{port}: Address already in use (is another server using "
+                            "it? pick another --port)")
+
+
+def test_moelocal_serve_runs_the_planned_model_until_ctrl_c(model, tmp_path):
+    """The whole command in a subprocess: plan, load, listen on a free port, answer, stop on SIGINT."""
+    pytest.importorskip("uvicorn")
+    import httpx
+
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "moelocal", "serve", str(model), "--port", "0", "--ctx", "256", "--threads", "1",
+         "--alias", "tiny", "--api-key", "k"],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "COLUMNS": "200"},
+    )
+    try:
+        lines = []
+        for line in proc.stderr:  # the server says where it listens before uvicorn starts
+            lines.append(line)
+            m = re.search(r"at (http://127\.0\.0\.1:\d+/v1)", line)
+            if m or len(lines) > 200:
+                break
+        assert m, "".join(lines)
+        assert line.startswith(f"Serving tiny at {m.group(1)} (experts in RAM (CPU only), context 256)")
+        base = m.group(1)
+        deadline = time.monotonic() + 20
+        while True:
+            try:
+                r = httpx.get(base + "/models", headers={"Authorization": "Bearer k"}, timeout=5)
+                break
+            except httpx.ConnectError:
+                assert time.monotonic() < deadline
+                time.sleep(0.05)
+        assert [m["id"] for m in r.json()["data"]] == ["tiny"]
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=20)
+        assert proc.returncode == 0, err
+        assert out == ""  # requests are logged on stderr: stdout carries data, and a server prints none
+        assert '"GET /v1/models HTTP/1.1" 200' in err
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
