@@ -23,8 +23,10 @@ class Terminal:
     def __init__(self, command: str, env: dict[str, str]) -> None:
         self.name = f"moelocal-test-{uuid.uuid4().hex[:8]}"
         exports = " ".join(f"{k}={shlex.quote(v)}" for k, v in env.items())
-        # after the command ends, say how, and keep the pane open to be read
-        script = f"env {exports} {command}; echo EXITED $?; sleep 60"
+        # env -i: the tmux server hands its own environment to the pane, and a COLUMNS=80 from the
+        # caller (CI sets one) would make rich wrap at 80 in a 100-column terminal.
+        # After the command ends, say how, and keep the pane open to be read.
+        script = f"env -i {exports} {command}; echo EXITED $?; sleep 60"
         subprocess.run(["tmux", "new-session", "-d", "-s", self.name, "-x", "100", "-y", "30", script], check=True)
         subprocess.run(["tmux", "set-option", "-t", self.name, "history-limit", "5000"], check=True)
 
@@ -58,7 +60,8 @@ def terminal():
     opened: list[Terminal] = []
 
     def start(command: str) -> Terminal:
-        env = {k: v for k, v in os.environ.items() if k in ("MOELOCAL_HOME", "PATH", "HOME", "PYTHONPATH")}
+        keep = ("MOELOCAL_HOME", "PATH", "HOME", "PYTHONPATH", "LANG", "LC_ALL", "LC_CTYPE")
+        env = {k: v for k, v in os.environ.items() if k in keep}
         env["TERM"] = "xterm-256color"
         t = Terminal(command, env)
         opened.append(t)
@@ -96,7 +99,8 @@ def test_chat_two_turns_a_slash_command_and_ctrl_c(models, terminal, tmp_path):
 
     saved = tmp_path / "chat.json"
     t.type(f"/save {saved}")
-    t.wait(lambda s: f"Saved 4 messages to {saved}." in s, "/save")
+    # rich breaks lines that are longer than the terminal; a path may be cut anywhere
+    t.wait(lambda s: f"Saved 4 messages to {saved}." in s.replace("\n", ""), "/save")
     messages = json.loads(saved.read_text())["messages"]
     assert [m["role"] for m in messages] == ["user", "assistant", "user", "assistant"]
     assert [messages[0]["content"], messages[2]["content"]] == ["Hello there", "Tell me more"]
