@@ -24,3 +24,20 @@ def cache_dir(name: str) -> Path:
     path = app_dir() / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+def worker_timeout() -> float:
+    """MOELOCAL_WORKER_TIMEOUT: seconds a run waits on an RPC worker that sends nothing (default 120)."""
+    from moelocal.errors import UsageError
+
+    raw = os.environ.get("MOELOCAL_WORKER_TIMEOUT", "").strip()
+    if not raw:
+        return 120.0
+    try:
+        value = float(raw)
+    except ValueError:
+        value = 0.0
+    if not value > 0:
+        raise UsageError(f"MOELOCAL_WORKER_TIMEOUT={raw} is not a number of seconds",
+                         "set it to a positive number, e.g. 300, or unset it for the default of 120")
+    return value

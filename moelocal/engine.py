@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from moelocal import native
+from moelocal import config, native, rpc
 from moelocal.errors import EngineError, UsageError
 from moelocal.plan import DeviceMemory, Plan
 
@@ -337,6 +337,7 @@ class Engine:
         self.buffer_devices: dict[str, str] = {}
         self.workers: tuple[str, ...] = ()
         self._live = False
+        self._watchdog: rpc.Watchdog | None = None
         self._arrays: native.NativeArrays | None = None
         self._cached: list[int] | None = []  # tokens in sequence 0's KV cache (None: unknown)
         self._template: str | None = None
@@ -376,6 +377,7 @@ class Engine:
         on_gpu = bool(p.devices) and p.n_gpu_layers > 0
         # workers only when the plan uses them: connecting is not free, and each serves one client
         remote = on_gpu and any(d.startswith("rpc") for d in p.devices)
+        worker_timeout = config.worker_timeout() if remote else 0.0  # a bad setting fails before the load
         named, remote_bufts, self.workers = _connect_workers(workers if remote else ())
         mp, self._arrays = native.model_params(p, extra_bufts=extra_bufts, named=named)
 
@@ -409,9 +411,8 @@ class Engine:
         if self.workers:
             _LIVE_WORKERS.update(self.workers)
             self._live = True
-            from moelocal import rpc
-
             rpc.keep_alive(self.workers)
+            self._watchdog = rpc.Watchdog(self.workers, worker_timeout)
         self._mem = lc.llama_get_memory(self.ctx)
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.n_seq_max = lc.llama_n_seq_max(self.ctx)
@@ -421,7 +422,7 @@ class Engine:
         # bound once: generation calls these per token
         self._is_eog = lc.llama_vocab_is_eog
         self._to_piece = lc.llama_token_to_piece
-        self._decode = lc.llama_decode
+        self._decode = self._watchdog.wrap(lc.llama_decode) if self._watchdog else lc.llama_decode
         self._sample = lc.llama_sampler_sample
         self._batch_one = lc.llama_batch_get_one
         return self
@@ -435,6 +436,9 @@ class Engine:
             lc.llama_model_free(self.model)
             self.model = None
         self._arrays = None  # only now may the override strings go
+        if self._watchdog:
+            self._watchdog.close()
+            self._watchdog = None
         if self._live:  # llama.cpp has closed its connections to the workers with the last buffer
             _LIVE_WORKERS.subtract(self.workers)
             self._live = False
@@ -818,8 +822,6 @@ def _connect_workers(workers: Sequence[str]) -> tuple[dict[str, int], dict[str, 
     workers' endpoints as llama.cpp knows them."""
     if not workers:
         return {}, {}, ()
-    from moelocal import rpc
-
     named: dict[str, int] = {}
     bufts: dict[str, str] = {}
     endpoints = [rpc.normalize_endpoint(w) for w in workers]

@@ -19,7 +19,9 @@ import os
 import socket
 import struct
 import sys
-from collections.abc import Callable, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
@@ -208,10 +210,16 @@ def guard_aborts(endpoints: Sequence[str], exit_code: int = WorkerError.exit_cod
         if "ggml-rpc" not in message and "RPC" not in message:
             os.write(2, f"Error: llama.cpp aborted: {text}\n".encode())
             return  # not ours: let ggml abort as it would
-        gone = [ep for ep in eps if not reachable(ep)]
-        who = ", ".join(gone) if gone else " or ".join(eps)
-        line = (f"Error: lost the connection to the worker at {who} ({text}); the run cannot go on "
-                f"(restart the worker and run again)\n")
+        if _SILENT:
+            who = ", ".join(_SILENT)
+            line = (f"Error: the worker at {who} sent nothing for {max(_SILENT.values()):.0f} s while a step of "
+                    f"the run waited on it; the run cannot go on (check that machine and its worker, restart the "
+                    f"worker and run again; MOELOCAL_WORKER_TIMEOUT sets how long to wait)\n")
+        else:
+            gone = [ep for ep in eps if not reachable(ep)]
+            who = ", ".join(gone) if gone else " or ".join(eps)
+            line = (f"Error: lost the connection to the worker at {who} ({text}); the run cannot go on "
+                    f"(restart the worker and run again)\n")
         try:
             sys.stdout.flush()
         except Exception:
@@ -228,32 +236,13 @@ def keep_alive(endpoints: Sequence[str]) -> int:
     llama.cpp opens them without either, so a worker machine that vanishes (power, cable, Wi-Fi)
     leaves the client waiting forever on a reply. With these, the kernel gives up after about
     ``USER_TIMEOUT_S`` (or the keepalive probes), llama.cpp's receive fails, and guard_aborts ends
-    the run with a clear error. Linux only (it finds the sockets in /proc/self/fd); returns how
-    many connections it changed.
+    the run with a clear error. Linux only (see :func:`_connections`); returns how many connections
+    it changed.
     """
-    if not os.path.isdir("/proc/self/fd"):
-        return 0
-    peers = set()
-    for ep in endpoints:
-        host, port = parse_endpoint(ep)
-        try:
-            peers.add((socket.gethostbyname(host), port))
-        except OSError:
-            continue
     changed = 0
-    for name in os.listdir("/proc/self/fd"):
-        try:
-            fd = int(name)
-            if not os.path.exists(f"/proc/self/fd/{name}") or not os.readlink(f"/proc/self/fd/{name}").startswith(
-                    "socket:"):
-                continue
-            s = socket.socket(fileno=os.dup(fd))  # a duplicate: closing it leaves llama.cpp's socket open
-        except (OSError, ValueError):
-            continue
+    for s, _ in _connections(endpoints):
         with s:
             try:
-                if s.family != socket.AF_INET or s.getpeername() not in peers:
-                    continue
                 s.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
                 for opt, value in (("TCP_KEEPIDLE", KEEPALIVE_IDLE_S), ("TCP_KEEPINTVL", KEEPALIVE_INTERVAL_S),
                                    ("TCP_KEEPCNT", KEEPALIVE_COUNT), ("TCP_USER_TIMEOUT", USER_TIMEOUT_S * 1000)):
@@ -263,6 +252,103 @@ def keep_alive(endpoints: Sequence[str]) -> int:
             except OSError:
                 continue
     return changed
+
+
+def _connections(endpoints: Sequence[str]) -> Iterator[tuple[socket.socket, str]]:
+    """This process's TCP connections to ``endpoints``, each as a duplicate socket and its endpoint.
+
+    llama.cpp does not hand out its sockets; on Linux they are found in /proc/self/fd. Each one is a
+    duplicate: closing it (the caller must) leaves llama.cpp's socket open, while options set on it
+    and ``shutdown`` act on the connection itself. Yields nothing where /proc is missing.
+    """
+    if not os.path.isdir("/proc/self/fd"):
+        return
+    peers = {}
+    for ep in endpoints:
+        host, port = parse_endpoint(ep)
+        try:
+            peers[(socket.gethostbyname(host), port)] = ep
+        except OSError:
+            continue
+    for name in os.listdir("/proc/self/fd"):
+        try:
+            if not os.readlink(f"/proc/self/fd/{name}").startswith("socket:"):
+                continue
+            s = socket.socket(fileno=os.dup(int(name)))
+        except (OSError, ValueError):
+            continue
+        try:
+            ep = peers.get(s.getpeername()) if s.family == socket.AF_INET else None
+        except OSError:
+            ep = None
+        if ep is None:
+            s.close()
+            continue
+        yield s, ep
+
+
+# endpoint -> seconds it had sent nothing when the watchdog cut its connection (read by guard_aborts)
+_SILENT: dict[str, float] = {}
+_TCPI_LAST_DATA_RECV = 52  # offset of tcpi_last_data_recv (u32, ms) in Linux's struct tcp_info
+
+
+def _quiet_for(s: socket.socket) -> float:
+    """Seconds since ``s`` last received data (Linux's TCP_INFO); infinity where that is unknown."""
+    try:
+        info = s.getsockopt(socket.IPPROTO_TCP, getattr(socket, "TCP_INFO", 11), 104)
+        return struct.unpack_from("=I", info, _TCPI_LAST_DATA_RECV)[0] / 1000
+    except (OSError, struct.error):
+        return float("inf")
+
+
+class Watchdog:
+    """Ends a run whose worker has stopped answering, instead of letting it hang.
+
+    keep_alive covers a worker machine that disappears; a worker *process* that is stuck (stopped,
+    swapping to death, wedged in a driver) still has a kernel that acknowledges every byte, so
+    llama.cpp would wait on its reply forever, deaf to Ctrl-C. While a llama_decode call is in flight
+    (``wrap``), this thread checks every connection to the workers once the call has run ``timeout``
+    seconds: one that has received nothing for that long is shut down, llama.cpp's receive fails,
+    and guard_aborts ends the process with one line that says which worker and how long. A worker
+    that is merely slow keeps sending results of each micro-batch and is left alone.
+    """
+
+    def __init__(self, endpoints: Sequence[str], timeout: float) -> None:
+        self.endpoints = tuple(endpoints)
+        self.timeout = timeout
+        self._since: float | None = None  # when the llama_decode call in flight began
+        self._closed = threading.Event()
+        self._thread = threading.Thread(target=self._watch, name="moelocal-worker-watchdog", daemon=True)
+        self._thread.start()
+
+    def wrap(self, decode: Callable[..., int]) -> Callable[..., int]:
+        def watched(ctx: object, batch: object) -> int:
+            self._since = time.monotonic()
+            try:
+                return decode(ctx, batch)
+            finally:
+                self._since = None
+
+        return watched
+
+    def close(self) -> None:
+        self._closed.set()
+
+    def _watch(self) -> None:
+        while not self._closed.wait(min(1.0, self.timeout / 4)):
+            since = self._since
+            if since is None or time.monotonic() - since < self.timeout:
+                continue
+            waited = time.monotonic() - since
+            for s, ep in _connections(self.endpoints):
+                with s:
+                    quiet = min(waited, _quiet_for(s))
+                    if quiet >= self.timeout:
+                        _SILENT[ep] = quiet
+                        try:
+                            s.shutdown(socket.SHUT_RDWR)
+                        except OSError:
+                            pass
 
 
 # ---- running a worker ------------------------------------------------------------------------

@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -293,13 +294,15 @@ def test_worker_addresses_are_checked():
         rpc.with_workers(no_gpu(), ["127.0.0.1:1", "127.0.0.1:1"])
 
 
-def test_a_worker_that_drops_mid_run_ends_the_run_with_one_line(path, tmp_path):
-    """llama.cpp aborts the process when a worker's connection fails; moelocal makes that one line
-    and exit code 6. In a child process: the abort ends the process that runs the model."""
+def signal_worker_mid_run(path, tmp_path, signum: int, env: dict[str, str] | None = None):
+    """Generate through a fresh worker in a child process, send the worker ``signum`` after two tokens.
+
+    In a child: the end of such a run is the end of the process that runs the model. Returns the
+    child's result, the seconds it took and the worker's endpoint."""
     port = free_port()
     proc = start_worker(port, tmp_path)
     code = textwrap.dedent(f"""
-        import os, signal
+        import os
         from moelocal import hardware
         from moelocal.commands._run import PlacementFlags, load_engine
         from moelocal.engine import SamplingParams
@@ -310,19 +313,100 @@ def test_a_worker_that_drops_mid_run_ends_the_run_with_one_line(path, tmp_path):
         e = load_engine(path, read_summary(path), flags, ctx={N_CTX}, threads=1, hw=hw)
         for i, chunk in enumerate(e.generate("hi", SamplingParams(temperature=0, max_tokens=200, ignore_eos=True))):
             if i == 2:
-                os.kill({proc.pid}, signal.SIGKILL)
+                os.kill({proc.pid}, {int(signum)})
         print("finished")
     """)
     try:
         t0 = time.monotonic()
-        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
-        assert time.monotonic() - t0 < 30
+        run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60,
+                             env={**os.environ, **(env or {})})
+        return run, time.monotonic() - t0, f"127.0.0.1:{port}"
     finally:
-        stop_worker(proc)
+        stop_worker(proc)  # SIGKILL: ends a stopped process too
+
+
+def test_a_worker_that_drops_mid_run_ends_the_run_with_one_line(path, tmp_path):
+    """llama.cpp aborts the process when a worker's connection fails; moelocal makes that one line
+    and exit code 6."""
+    run, seconds, endpoint = signal_worker_mid_run(path, tmp_path, signal.SIGKILL)
+    assert seconds < 30
     assert (run.returncode, run.stdout) == (6, "")
     assert run.stderr.splitlines() == [
-        f"Error: lost the connection to the worker at 127.0.0.1:{port} (Remote RPC server crashed or returned "
+        f"Error: lost the connection to the worker at {endpoint} (Remote RPC server crashed or returned "
         "malformed response); the run cannot go on (restart the worker and run again)"]
+
+
+def test_a_worker_that_stops_answering_mid_run_ends_the_run_after_the_timeout(path, tmp_path):
+    """A stopped worker process still has a kernel that acknowledges every byte: without the
+    watchdog llama.cpp would wait on it forever (this test would time out after 60 s)."""
+    run, seconds, endpoint = signal_worker_mid_run(path, tmp_path, signal.SIGSTOP, {"MOELOCAL_WORKER_TIMEOUT": "2"})
+    assert seconds < 30
+    assert (run.returncode, run.stdout) == (6, "")
+    lines = run.stderr.splitlines()
+    assert len(lines) == 1, run.stderr
+    sent_nothing_for = float(lines[0].split(" sent nothing for ")[1].split(" s ")[0])
+    assert 2 <= sent_nothing_for < 5
+    assert lines[0].startswith(f"Error: the worker at {endpoint} sent nothing for ")
+    assert "the run cannot go on" in lines[0] and "MOELOCAL_WORKER_TIMEOUT" in lines[0]
+
+
+def test_the_watchdog_cuts_only_a_connection_that_stays_silent_during_a_call():
+    """On plain sockets: a call that waits on a silent peer is cut after the timeout; a peer that
+    keeps sending within the timeout is left alone, and so is one that is silent between calls."""
+    with socket.create_server(("127.0.0.1", 0)) as server:
+        endpoint = f"127.0.0.1:{server.getsockname()[1]}"
+        client = socket.create_connection(server.getsockname())
+        client.settimeout(10)  # without the watchdog the last call fails here instead of hanging
+        peer, _ = server.accept()
+        dog = rpc.Watchdog([endpoint], timeout=0.6)
+        rpc._SILENT.clear()
+        try:
+            def chatty() -> None:  # answers in 8 pieces, 0.3 s apart: slow, but never silent for 0.6 s
+                for _ in range(8):
+                    time.sleep(0.3)
+                    peer.sendall(b"x")
+
+            def wait_for(n: int) -> bytes:
+                got = b""
+                while len(got) < n:
+                    part = client.recv(n - len(got))
+                    if not part:
+                        break
+                    got += part
+                return got
+
+            sender = threading.Thread(target=chatty)
+            sender.start()
+            got = dog.wrap(lambda n, _: wait_for(n))(8, None)
+            sender.join()
+            assert got == b"x" * 8 and rpc._SILENT == {}  # 2.4 s in all, never cut
+
+            time.sleep(1.5)  # silent between calls: nobody waits, nothing is cut
+            peer.sendall(b"y")
+            assert client.recv(1) == b"y" and rpc._SILENT == {}
+
+            t0 = time.monotonic()
+            got = dog.wrap(lambda n, _: wait_for(n))(1, None)  # the peer never answers
+            assert got == b"" and 0.6 <= time.monotonic() - t0 < 3
+            assert list(rpc._SILENT) == [endpoint] and rpc._SILENT[endpoint] >= 0.6
+        finally:
+            dog.close()
+            rpc._SILENT.clear()
+            client.close()
+            peer.close()
+
+
+def test_the_worker_timeout_is_read_from_the_environment(monkeypatch):
+    from moelocal import config
+
+    monkeypatch.delenv("MOELOCAL_WORKER_TIMEOUT", raising=False)
+    assert config.worker_timeout() == 120
+    monkeypatch.setenv("MOELOCAL_WORKER_TIMEOUT", "7.5")
+    assert config.worker_timeout() == 7.5
+    for bad in ("soon", "0", "-3", "nan"):
+        monkeypatch.setenv("MOELOCAL_WORKER_TIMEOUT", bad)
+        with pytest.raises(UsageError, match=f"MOELOCAL_WORKER_TIMEOUT={bad} is not a number of seconds"):
+            config.worker_timeout()
 
 
 # ---- the plan and the speed model with workers -----------------------------------------------
