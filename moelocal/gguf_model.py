@@ -620,11 +620,23 @@ def _swa_layers(arch: str, n_layer: int, window: int, pattern: Any) -> tuple[boo
     return (True,) * n_layer
 
 
+# Hybrids whose attention layers come every n-th layer, 4 when the file does not say (llama.cpp's
+# models/qwen3next.cpp, qwen35.cpp, qwen35moe.cpp, qwen4exp.cpp, minimax-01.cpp)
+_INTERVAL_HYBRIDS = {"qwen3next", "qwen35", "qwen35moe", "qwen4exp", "minimax-01"}
+
+
 def _recurrent_layers(arch: str, n_layer: int, meta: Mapping[str, Any], n_head_kv: tuple[int, ...]) -> tuple[int, ...]:
     """Layers that keep a recurrent state instead of a KV cache (hybrid and recurrent models)."""
+    listed = meta.get(f"{arch}.attention.recurrent_layers")
+    if isinstance(listed, (list, tuple)) and len(listed) >= n_layer:  # one flag per layer
+        return tuple(il for il in range(n_layer) if listed[il])
     interval = meta.get(f"{arch}.full_attention_interval")
+    if not (isinstance(interval, int) and interval > 0) and arch in _INTERVAL_HYBRIDS:
+        interval = 4
     if isinstance(interval, int) and interval > 0:  # qwen3next-style: every n-th layer attends
-        return tuple(il for il in range(n_layer) if (il + 1) % interval != 0)
+        nextn = int(meta.get(f"{arch}.nextn_predict_layers", 0) or 0)  # MTP layers at the end attend
+        trunk = n_layer - nextn if 0 < nextn < n_layer else n_layer
+        return tuple(il for il in range(trunk) if (il + 1) % interval != 0)
     if any(f"{arch}.ssm.{k}" in meta for k in ("state_size", "inner_size", "conv_kernel")):
         if arch in ("mamba", "mamba2", "rwkv6", "rwkv7"):
             return tuple(range(n_layer))

@@ -1,23 +1,26 @@
 """Bytes per device for a placement: weights, KV cache, compute buffers, output buffer, overhead.
 
 Pure functions of a ModelSummary, a Placement and RunOptions; no I/O, no llama_cpp. Every rule below
-is the one the vendored llama.cpp (llama-cpp-python 0.3.36) applies; /work/ref/notes-memory.md has
-the source references. ``measure.py`` gets the same figures from llama.cpp itself.
+is the one the vendored llama.cpp (llama-cpp-python 0.3.36) applies (llama-kv-cache.cpp,
+llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-backend.cpp).
+``measure.py`` gets the same figures from llama.cpp itself.
 
 - **weights**: exact tensor bytes, placed by :mod:`moelocal.layout` (the one place that applies
   ``-ngl``, ``--n-cpu-moe`` and ``tensor_split``).
 - **KV cache**: llama.cpp's padded context (multiples of 256 cells per sequence), one stream per
   sequence, K and V rows per layer (GQA head counts, MLA's single latent K row and no V, iSWA's
   smaller cache for sliding-window layers), in the KV type's block size. Exact.
-- **recurrent state** (hybrid and recurrent models): Mamba-style conv + SSM state per layer and
-  sequence, in F32; counted with the KV cache.
+- **recurrent state** (hybrid and recurrent models): conv + SSM state per layer and sequence
+  (Mamba-style hyperparameters, which Qwen3.5's gated delta nets use too), in F32; counted with
+  the KV cache. Exact for Qwen3.5.
 - **output**: the logits buffer, ``n_vocab * n_seq`` floats at context creation. Exact.
 - **compute**: llama.cpp reserves its compute buffer by allocating the worst-case graph (one
   ubatch of ``min(n_ctx, n_ubatch)`` tokens against the full cache) with ggml-alloc. We rebuild
   that graph's tensors (:func:`_build_graph`) and run the same allocator (:class:`_Allocator`).
-  For llama (dense and Mixtral-style MoE), qwen2moe, qwen3moe, deepseek2 (MLA) and gpt-oss this
-  matches llama.cpp's CPU compute buffer to the byte, at any context, ubatch, sequence count, KV
-  type and flash-attention setting; see :func:`compute_bytes` for what is approximate.
+  For llama (dense and Mixtral-style MoE), qwen2moe, qwen3moe, deepseek2 (MLA), gpt-oss and
+  qwen35moe (Qwen3.5's hybrid of gated delta nets and gated attention) this matches llama.cpp's
+  CPU compute buffer to the byte, at any context, ubatch, sequence count, KV type and
+  flash-attention setting; see :func:`compute_bytes` for what is approximate.
 - **overhead**: a fixed allowance per GPU backend for what llama.cpp never reports (driver
   context, library workspaces), see :data:`BACKEND_OVERHEAD`.
 """
@@ -126,7 +129,7 @@ class _Layer:
     ffn: str  # "dense" | "moe" | "none"
     n_ff: int  # dense FFN width, or one expert's
     n_ff_shexp: int = 0
-    shexp_gate: bool = False  # qwen2moe: a sigmoid gate in front of the shared expert
+    shexp_gate: bool = False  # qwen2moe, qwen35moe: a sigmoid gate in front of the shared expert
     q_bias: bool = False
     k_bias: bool = False
     v_bias: bool = False
@@ -163,16 +166,22 @@ class _Model:
     head_v_mla: int = 0
     sliding_window: int = 0
     out_rows_late: bool = False  # gpt-oss selects the output rows after the last layer
+    out_rows_after_norm: bool = False  # Qwen3.5 selects them after the output norm
     n_pos: int = 1
     d_conv: int = 0
     d_inner: int = 0
     d_state: int = 0
     n_group: int = 0
+    n_v_heads: int = 0  # gated delta nets: value heads (ssm.time_step_rank)
     exact: bool = True  # the compute graph of this architecture is modelled node for node
 
 
-_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss"}
-_NORM_W = {"llama": True, "qwen3moe": True, "qwen3vlmoe": True, "qwen2moe": False, "gpt-oss": False}
+_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe"}
+# Architectures whose recurrent layers are Qwen3.5's gated delta nets (models/qwen35*.cpp)
+_DELTA_NET_ARCHS = {"qwen35", "qwen35moe"}
+# Architectures whose norm before the FFN is stored as post_attention_norm (not ffn_norm)
+_POST_ATTN_NORM = {"gpt-oss", "qwen35", "qwen35moe"}
+_NORM_W = {"llama": True, "qwen3moe": True, "qwen3vlmoe": True, "qwen35moe": True, "qwen2moe": False, "gpt-oss": False}
 
 
 _MODELS: dict[int, tuple[ModelSummary, _Model]] = {}
@@ -242,10 +251,12 @@ def _build_model(summary: ModelSummary) -> _Model:
         w_scale=w_scale, mla=bool(key_mla and value_mla), q_lora=summary.q_lora_rank, kv_lora=summary.kv_lora_rank,
         rope_dim=summary.rope_dim, head_k_mla=key_mla, head_v_mla=value_mla,
         sliding_window=summary.sliding_window if any(summary.swa_layers) else 0,
-        out_rows_late=arch == "gpt-oss", n_pos=4 if isinstance(rope_sections, list) else 1,
+        out_rows_late=arch == "gpt-oss" or arch in _DELTA_NET_ARCHS, out_rows_after_norm=arch in _DELTA_NET_ARCHS,
+        n_pos=4 if isinstance(rope_sections, list) else 1,
         d_conv=int(summary.meta("ssm.conv_kernel", 0) or 0), d_inner=int(summary.meta("ssm.inner_size", 0) or 0),
         d_state=int(summary.meta("ssm.state_size", 0) or 0), n_group=int(summary.meta("ssm.group_count", 0) or 0),
-        exact=arch in _EXACT_ARCHS and not recurrent,
+        n_v_heads=int(summary.meta("ssm.time_step_rank", 0) or 0),
+        exact=arch in _EXACT_ARCHS and (not recurrent or arch in _DELTA_NET_ARCHS),
     )
 
 
@@ -594,6 +605,8 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
             "v_rot": g.input((64, 64)) if quant and m.head_v % 64 == 0 else None,
         }
     out_ids = g.input((k.n_outputs,), _I32)
+    # the recurrent state's inputs (build_inp_rs): which cached state each sequence of the ubatch reads
+    rs_copy = g.input((max(1, k.n_stream),), _I32) if any(ly.recurrent for ly in m.layers) else None
 
     def norm(x: _T, weight: str) -> _T:
         return g.op("MUL", x.shape[0], g.op("RMS_NORM", x.shape[0], x), g.w(weight))
@@ -607,8 +620,10 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
         b = f"blk.{il}."
         inp_sa = inp
         cur = norm(inp, b + "attn_norm.weight")
-        if ly.recurrent or ly.n_head_kv == 0:
-            attn = cur  # recurrent mixers are not modelled
+        if ly.recurrent and m.arch in _DELTA_NET_ARCHS:
+            attn = _delta_net(g, m, k, il, cur, rs_copy)
+        elif ly.recurrent or ly.n_head_kv == 0:
+            attn = cur  # other recurrent mixers (Mamba, RWKV ...) are not modelled
         elif m.mla:
             attn = _mla_attention(g, m, k, ly, il, cur, pos, caches["base"], cache_el)
         else:
@@ -619,21 +634,24 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
             inp_sa = g.op("GET_ROWS", (E, k.n_outputs), inp_sa, out_ids)
         rows = attn.shape[0][1]
         ffn_inp = g.op("ADD", (E, rows), attn, inp_sa)
-        cur = norm(ffn_inp, b + ("post_attention_norm.weight" if m.arch == "gpt-oss" else "ffn_norm.weight"))
+        cur = norm(ffn_inp, b + ("post_attention_norm.weight" if m.arch in _POST_ATTN_NORM else "ffn_norm.weight"))
         if ly.ffn == "moe":
             cur = _moe(g, m, ly, il, cur)
         elif ly.ffn == "dense":
             cur = _ffn(g, cur, ly.n_ff, b, "")
         l_out = g.op("ADD", (E, rows), cur, ffn_inp)
-        if il == m.n_layer - 1 and m.out_rows_late:
+        if il == m.n_layer - 1 and m.out_rows_late and not m.out_rows_after_norm:
             l_out.flags |= _OUTPUT  # gpt-oss hands the last hidden state out (t_h_nextn)
         g.expand(l_out)
         inp = l_out
-    if m.out_rows_late:
+    if m.out_rows_late and not m.out_rows_after_norm:
         inp = g.op("GET_ROWS", (E, k.n_outputs), inp, out_ids)
     result_norm = norm(inp, "output_norm.weight")
-    result_norm.flags |= _OUTPUT
-    logits = g.op("MUL_MAT", (m.n_vocab, inp.shape[0][1]), g.w("output.weight"), result_norm)
+    result_norm.flags |= _OUTPUT  # Qwen3.5: the normed hidden state of every token (t_h_nextn)
+    if m.out_rows_after_norm:
+        result_norm = g.op("GET_ROWS", (E, k.n_outputs), result_norm, out_ids)
+        result_norm.flags |= _OUTPUT
+    logits = g.op("MUL_MAT", (m.n_vocab, result_norm.shape[0][1]), g.w("output.weight"), result_norm)
     logits.flags |= _OUTPUT
     g.expand(logits)
     return g
@@ -667,6 +685,51 @@ def _kept_layers(m: _Model, weights: dict[str, tuple[str, int]] | None = None,
     return tuple(kept)
 
 
+def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T | None) -> _T:
+    """build_layer_attn_linear (models/qwen35moe.cpp) with llama.cpp's fused gated-delta-net op,
+    which it uses on every backend that has it: projections, the causal conv over the cached
+    conv state, L2-normed q/k, one GATED_DELTA_NET node (outputs and the new state), gated norm,
+    output projection. The state updates are copies into the recurrent cache: no memory here."""
+    g.expand(cur)  # the layer's input norm is expanded first (models/qwen35moe.cpp)
+    T, E = k.n_tokens, m.n_embd
+    ns = max(1, k.n_stream)
+    tn = T // ns
+    b = f"blk.{il}."
+    w = g.w
+    hv, s_k, hk = m.n_v_heads, m.d_state, m.n_group
+    s_v = m.d_inner // hv if hv else 0
+    conv_ch = m.d_inner + 2 * hk * s_k
+    n_r = max(m.d_conv - 1, 0) * conv_ch
+    qkv = g.view(g.op("MUL_MAT", (conv_ch, T), w(b + "attn_qkv.weight"), cur), (conv_ch, tn, ns))
+    z = g.op("MUL_MAT", (m.d_inner, T), w(b + "attn_gate.weight"), cur)
+    beta = g.op("UNARY", (1, hv, tn, ns), g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_beta.weight"), cur),
+                                                 (1, hv, tn, ns)))
+    alpha = g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_alpha.weight"), cur), (hv, tn, ns))
+    alpha = g.op("UNARY", (hv, tn, ns), g.op("ADD", (hv, tn, ns), alpha, w(b + "ssm_dt.bias")))
+    gate = g.view(g.op("MUL", (hv, tn, ns), alpha, w(b + "ssm_a")), (1, hv, tn, ns))
+    cache = g.cache(il)
+    conv_states = g.op("GET_ROWS", (n_r, ns), g.view(cache, (n_r, ns)), rs_copy)
+    g.expand(conv_states)
+    conv_in = g.op("CONCAT", (m.d_conv - 1 + tn, conv_ch, ns), g.view(conv_states, (m.d_conv - 1, conv_ch, ns)),
+                   g.view(qkv, (tn, conv_ch, ns), contig=False))
+    g.expand(g.set_rows(cache, g.view(conv_in, (m.d_conv - 1, conv_ch, ns), contig=False), None))
+    state = g.op("GET_ROWS", (s_v * s_v * hv, ns), g.view(cache, (s_v * s_v * hv, ns)), rs_copy)
+    g.expand(state)
+    conv = g.op("UNARY", (conv_ch, tn, ns), g.op("SSM_CONV", (conv_ch, tn, ns), conv_in, w(b + "ssm_conv1d.weight")))
+    q = g.view(conv, (s_k, hk, tn, ns), contig=False)
+    kk = g.view(conv, (s_k, hk, tn, ns), contig=False)
+    v = g.view(conv, (s_v, hv, tn, ns), contig=False)
+    q = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), q))
+    kk = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), kk))
+    out = g.op("GATED_DELTA_NET", (s_v * hv * tn * ns + s_v * s_v * hv * ns,), q, kk, v, gate, beta,
+               g.view(state, (s_v, s_v, hv, ns)))
+    g.expand(g.set_rows(cache, g.view(out, (s_v, s_v, hv, ns), contig=False), None))
+    o = g.view(out, (s_v, hv, tn, ns), contig=False)
+    normed = g.op("MUL", (s_v, hv, tn, ns), g.op("RMS_NORM", (s_v, hv, tn, ns), o), w(b + "ssm_norm.weight"))
+    gated = g.op("MUL", (s_v, hv, tn, ns), normed, g.op("UNARY", (s_v, hv, tn, ns), g.view(z, (s_v, hv, tn, ns))))
+    return g.view(g.op("MUL_MAT", (E, tn, ns), w(b + "ssm_out.weight"), g.view(gated, (m.d_inner, tn, ns))), (E, T))
+
+
 def _rot_size(head: int) -> int:
     """The Hadamard matrix size llama.cpp picks for K (build_input_k_rot): the largest power of two
     from 64 up that divides the head size."""
@@ -696,6 +759,11 @@ def _attention(g: _Graph, m: _Model, k: _GraphKey, ly: _Layer, il: int, cur: _T,
         qkv = g.op("MUL_MAT", (nh * hk + nkv * (hk + hv), T), w(b + "attn_qkv.weight"), cur)
         q, kk, v = (g.view(qkv, (hk, nh, T), False), g.view(qkv, (hk, nkv, T), False),
                     g.view(qkv, (hv, nkv, T), False))
+    elif m.arch in _DELTA_NET_ARCHS:  # Qwen3.5: queries and an output gate from one projection
+        q_full = g.op("MUL_MAT", (2 * nh * hk, T), w(b + "attn_q.weight"), cur)
+        kk = g.op("MUL_MAT", (nkv * hk, T), w(b + "attn_k.weight"), cur)
+        v = g.op("MUL_MAT", (nkv * hv, T), w(b + "attn_v.weight"), cur)
+        q, kk, v = g.view(q_full, (hk, nh, T), False), g.view(kk, (hk, nkv, T)), g.view(v, (hv, nkv, T))
     else:
         q = g.op("MUL_MAT", (nh * hk, T), w(b + "attn_q.weight"), cur)
         q = g.op("ADD", q.shape[0], q, w(b + "attn_q.bias")) if ly.q_bias else q
@@ -743,6 +811,9 @@ def _attention(g: _Graph, m: _Model, k: _GraphKey, ly: _Layer, il: int, cur: _T,
     g.expand(out)
     if cache["v_rot"] is not None:
         out = _hadamard(g, out, cache["v_rot"])
+    if m.arch in _DELTA_NET_ARCHS:
+        gate = g.op("CONT", (hk * nh, T), g.view(q_full, (hk, nh, T), False))
+        out = g.op("MUL", out.shape[0], out, g.op("UNARY", gate.shape[0], gate))
     out = g.op("MUL_MAT", (m.n_embd, T), w(b + "attn_output.weight"), out)
     return g.op("ADD", out.shape[0], out, w(b + "attn_output.bias")) if ly.o_bias else out
 
@@ -871,7 +942,10 @@ def _moe(g: _Graph, m: _Model, ly: _Layer, il: int, cur: _T) -> _T:
         shared = _ffn(g, cur, ly.n_ff_shexp, b, "_shexp")
         if ly.shexp_gate:
             gi = g.op("MUL_MAT", (1, rows), w(b + "ffn_gate_inp_shexp.weight"), cur)
-            gate_s = g.op("DIV", (1, rows), g.op("UNARY", (1, rows), gi), gi)
+            if m.arch in _DELTA_NET_ARCHS:  # a plain sigmoid
+                gate_s = g.op("UNARY", (1, rows), gi)
+            else:  # qwen2moe: silu(x) / x
+                gate_s = g.op("DIV", (1, rows), g.op("UNARY", (1, rows), gi), gi)
             shared = g.op("MUL", shared.shape[0], shared, gate_s)
         out = g.op("ADD", (E, rows), out, shared)
     return out
@@ -905,12 +979,13 @@ def compute_bytes(summary: ModelSummary, options: RunOptions) -> int:
 
     Exact (to the byte, against ``llama_get_memory_breakdown``) for the architectures llama.cpp
     builds as llama (dense and Mixtral-style), qwen2moe, qwen3moe, deepseek2 (MLA, with or without
-    q_lora) and gpt-oss, at any context, ubatch, sequence count, KV type and flash-attention
-    setting. Other architectures are built from the same blocks (GQA or MLA attention with optional
-    biases and Q/K norms, dense or MoE FFN with shared experts): right where they are made of those
-    blocks, off by what they add where they are not (extra norms, gates, vision inputs, fused
-    ops); recurrent mixers (Mamba, gated delta nets) are not modelled and count for nothing, which
-    underestimates hybrid models.
+    q_lora), gpt-oss and qwen35moe (gated delta nets through llama.cpp's fused op), at any context,
+    ubatch, sequence count, KV type and flash-attention setting. Other architectures are built from
+    the same blocks (GQA or MLA attention with optional biases and Q/K norms, dense or MoE FFN with
+    shared experts): right where they are made of those blocks, off by what they add where they are
+    not (extra norms, gates, vision inputs, fused ops); other recurrent mixers (Mamba, RWKV, Qwen3-
+    Next's and Kimi's delta nets) are not modelled and count for nothing, which underestimates those
+    hybrids where their layers set the peak.
     """
     return _compute_cpu(_model(summary), graph_key(summary, options))
 

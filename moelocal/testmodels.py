@@ -25,7 +25,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss")
+ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe")
 
 # qtype -> the llama_ftype constant of llama-cpp-python that produces it
 QUANT_FTYPES: dict[str, str] = {
@@ -81,6 +81,14 @@ class Spec:
     qkv_bias: bool = False
     qk_norm: bool = False
     expert_probs_bias: bool = False  # exp_probs_b: DeepSeek-V3's per-expert selection bias
+    # gated delta net (qwen35moe's linear attention): head size, key heads, value heads, conv width,
+    # and every attention_interval-th layer attends (the others are recurrent)
+    ssm_state: int = 0
+    ssm_groups: int = 0
+    ssm_v_heads: int = 0
+    ssm_conv: int = 0
+    attention_interval: int = 0
+    rope_sections: tuple[int, ...] = ()  # multimodal RoPE sections (qwen35moe)
     n_vocab: int = VOCAB_SIZE
     context_length: int = 4096
     rope_freq_base: float = 10000.0
@@ -93,6 +101,11 @@ class Spec:
     @property
     def moe_layers(self) -> tuple[int, ...]:
         return tuple(range(self.leading_dense, self.n_layer)) if self.is_moe else ()
+
+    @property
+    def recurrent_layers(self) -> tuple[int, ...]:
+        n = self.attention_interval
+        return tuple(il for il in range(self.n_layer) if (il + 1) % n) if n else ()
 
 
 SPECS: dict[str, Spec] = {
@@ -117,6 +130,13 @@ SPECS: dict[str, Spec] = {
         # gpt-oss: sliding-window attention on every other layer, attention sinks, biases everywhere
         Spec("gpt-oss", "gpt-oss", n_head=4, n_head_kv=2, n_ff=256, n_expert=4, n_expert_used=2, expert_ff=256,
              sliding_window=128, qkv_bias=True, tokenizer_pre="gpt-4o", rope_freq_base=150000.0),
+        # Qwen3.5-35B-A3B: three gated-delta-net layers, then one attention layer with an output gate
+        # (queries twice as wide) and q/k norms; a shared expert behind a sigmoid gate; mRoPE on a
+        # quarter of the head
+        Spec("qwen35moe", "qwen35moe", n_head=4, n_head_kv=2, n_ff=256, n_expert=6, n_expert_used=2,
+             expert_ff=256, n_expert_shared=1, shared_ff=256, qk_norm=True, rope_dim=16, rope_sections=(3, 3, 2, 0),
+             ssm_state=32, ssm_groups=4, ssm_v_heads=8, ssm_conv=4, attention_interval=4, tokenizer_pre="qwen2",
+             rope_freq_base=10000000.0),
     )
 }
 assert tuple(SPECS) == ARCHS
@@ -208,11 +228,12 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
     e, v = spec.n_embd, spec.n_vocab
     out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (e, v)), ("output_norm.weight", (e,)),
                                                ("output.weight", (e, v))]
+    recurrent = spec.recurrent_layers
     for il in range(spec.n_layer):
         b = f"blk.{il}."
         out.append((b + "attn_norm.weight", (e,)))
-        out += _attention(spec, b)
-        if spec.arch == "gpt-oss":
+        out += _delta_net(spec, b) if il in recurrent else _attention(spec, b)
+        if spec.arch in ("gpt-oss", "qwen35moe"):
             out.append((b + "post_attention_norm.weight", (e,)))
         else:
             out.append((b + "ffn_norm.weight", (e,)))
@@ -231,7 +252,7 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
                     (b + "ffn_down_exps.bias", (e, n)), (b + "ffn_up_exps.bias", (ff, n))]
         if spec.shared_ff:
             sff = spec.shared_ff
-            if spec.arch == "qwen2moe":
+            if spec.arch in ("qwen2moe", "qwen35moe"):
                 out.append((b + "ffn_gate_inp_shexp.weight", (e,)))
             out += [(b + "ffn_gate_shexp.weight", (e, sff)), (b + "ffn_down_shexp.weight", (sff, e)),
                     (b + "ffn_up_shexp.weight", (e, sff))]
@@ -253,7 +274,8 @@ def _attention(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
             (b + "attn_output.weight", (spec.n_head * spec.v_head_dim, e)),
         ]
     q, kv = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
-    out = [(b + "attn_q.weight", (e, q)), (b + "attn_k.weight", (e, kv)), (b + "attn_v.weight", (e, kv)),
+    gate = q if spec.arch == "qwen35moe" else 0  # the output gate rides along with the queries
+    out = [(b + "attn_q.weight", (e, q + gate)), (b + "attn_k.weight", (e, kv)), (b + "attn_v.weight", (e, kv)),
            (b + "attn_output.weight", (q, e))]
     if spec.qkv_bias:
         out += [(b + "attn_q.bias", (q,)), (b + "attn_k.bias", (kv,)), (b + "attn_v.bias", (kv,))]
@@ -264,9 +286,23 @@ def _attention(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
     return out
 
 
+def _delta_net(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
+    """A gated delta net layer as llama.cpp's qwen35moe loader expects it."""
+    e, v_heads = spec.n_embd, spec.ssm_v_heads
+    key_dim, value_dim = spec.ssm_state * spec.ssm_groups, spec.ssm_state * v_heads
+    conv_dim = 2 * key_dim + value_dim
+    return [
+        (b + "attn_qkv.weight", (e, conv_dim)), (b + "attn_gate.weight", (e, value_dim)),
+        (b + "ssm_conv1d.weight", (spec.ssm_conv, conv_dim)), (b + "ssm_dt.bias", (v_heads,)),
+        (b + "ssm_a", (v_heads,)), (b + "ssm_beta.weight", (e, v_heads)), (b + "ssm_alpha.weight", (e, v_heads)),
+        (b + "ssm_norm.weight", (spec.ssm_state,)), (b + "ssm_out.weight", (value_dim, e)),
+    ]
+
+
 def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
     """Tensors convert_hf_to_gguf keeps in F32 whatever the output type: vectors, norms, routers, biases."""
-    return len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight")) or not name.endswith(".weight")
+    return len(shape) == 1 or name.endswith(("_norm.weight", "ffn_gate_inp.weight", "ssm_conv1d.weight")) or \
+        not name.endswith(".weight")
 
 
 # ---- writing ---------------------------------------------------------------------------------
@@ -313,6 +349,41 @@ def write_model(arch: str, path: str | os.PathLike[str], dtype: str = "f16", see
     return path
 
 
+def write_header_only(spec: Spec, path: str | os.PathLike[str], qtype: str = "q8_0") -> Path:
+    """A model of ``spec``'s shape with no weights: its header, then a hole the size of the data.
+
+    The file is sparse (a few MB on disk whatever its size), so a real-sized shape (``spec`` with
+    the dimensions of a published model, see dataclasses.replace) costs nothing to make. llama.cpp
+    reads its header and plans its memory with no_alloc (measure.py); it cannot generate. Matrices
+    are ``qtype`` (q8_0 or f16), vectors, norms and routers F32, as in a converted model.
+    """
+    import numpy as np
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
+
+    matrix_type = {"q8_0": GGMLQuantizationType.Q8_0, "f16": GGMLQuantizationType.F16}[qtype]
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    writer = GGUFWriter(path, spec.arch)
+    _write_metadata(writer, spec, "f16")
+    data = 0
+    for name, shape in tensor_shapes(spec):
+        kind = GGMLQuantizationType.F32 if _keeps_f32(name, shape) else matrix_type
+        block, size = GGML_QUANT_SIZES[kind]
+        dims = tuple(reversed(shape))  # numpy order, the row last, given in bytes for raw types
+        row = shape[0] // block * size
+        nbytes = row * math.prod(shape[1:])
+        writer.add_tensor_info(name, dims[:-1] + (row,), np.dtype(np.uint8), nbytes, raw_dtype=kind)
+        data += -(-nbytes // writer.data_alignment) * writer.data_alignment
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    writer.close()
+    header = path.stat().st_size
+    start = -(-header // writer.data_alignment) * writer.data_alignment
+    os.truncate(path, start + data)
+    return path
+
+
 def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
     from gguf import ExpertGatingFuncType
 
@@ -338,15 +409,25 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
         w.add_rope_dimension_count(spec.rope_dim)
     elif spec.arch == "llama":
         w.add_rope_dimension_count(spec.rope_dim or spec.head_dim)
-    elif spec.arch in ("qwen3moe", "gpt-oss"):
+    elif spec.arch in ("qwen3moe", "gpt-oss", "qwen35moe"):
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
+    if spec.rope_sections:
+        w.add_rope_dimension_count(spec.rope_dim)
+        w.add_rope_dimension_sections(list(spec.rope_sections))
+    if spec.attention_interval:
+        w.add_full_attention_interval(spec.attention_interval)
+        w.add_ssm_conv_kernel(spec.ssm_conv)
+        w.add_ssm_state_size(spec.ssm_state)
+        w.add_ssm_group_count(spec.ssm_groups)
+        w.add_ssm_time_step_rank(spec.ssm_v_heads)
+        w.add_ssm_inner_size(spec.ssm_state * spec.ssm_v_heads)
     if spec.is_moe:
         w.add_expert_count(spec.n_expert)
         w.add_expert_used_count(spec.n_expert_used)
         if spec.arch != "llama":  # Mixtral states the expert width as feed_forward_length
             w.add_expert_feed_forward_length(spec.expert_ff)
-    if spec.arch == "qwen2moe":
+    if spec.arch in ("qwen2moe", "qwen35moe"):
         w.add_expert_shared_feed_forward_length(spec.shared_ff)
     if spec.arch == "deepseek2":
         w.add_leading_dense_block_count(spec.leading_dense)
@@ -357,10 +438,11 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
     tokens, types, merges = vocabulary()
+    pad = max(0, spec.n_vocab - len(tokens))  # a real-sized vocabulary (write_header_only): filler tokens
     w.add_tokenizer_model("gpt2")
     w.add_tokenizer_pre(spec.tokenizer_pre)
-    w.add_token_list(list(tokens))
-    w.add_token_types(list(types))
+    w.add_token_list(list(tokens) + [f"<|filler_{i}|>" for i in range(pad)])
+    w.add_token_types(list(types) + [_TOKEN_NORMAL] * pad)
     w.add_token_merges(list(merges))
     w.add_bos_token_id(special_token_id("<|endoftext|>"))
     w.add_eos_token_id(special_token_id("<|im_end|>"))

@@ -56,6 +56,18 @@ def hand_count(arch: str) -> tuple[int, int]:
         experts = 3 * e * s.expert_ff * s.n_expert
         layer = 2 * e + attention + e * s.n_expert + experts
         return outside + L * layer, L * experts
+    if arch == "qwen35moe":
+        q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+        attention = e * 2 * q + 2 * e * kv + q * e + 2 * s.head_dim  # queries and their gate, q/k norms
+        hv, key_dim, value_dim = s.ssm_v_heads, s.ssm_state * s.ssm_groups, s.ssm_state * s.ssm_v_heads
+        conv = 2 * key_dim + value_dim
+        delta_net = (e * conv + e * value_dim  # attn_qkv, attn_gate
+                     + s.ssm_conv * conv + 2 * hv + 2 * e * hv  # conv1d, dt bias, A, beta, alpha
+                     + s.ssm_state + value_dim * e)  # ssm_norm, ssm_out
+        experts = 3 * e * s.expert_ff * s.n_expert
+        ffn = e * s.n_expert + experts + e + 3 * e * s.shared_ff  # router, experts, shared gate and FFN
+        n_attn = L // s.attention_interval
+        return outside + L * (2 * e + ffn) + n_attn * attention + (L - n_attn) * delta_net, L * experts
     if arch == "deepseek2":
         qk = s.qk_nope_dim + s.rope_dim
         attention = (
@@ -88,6 +100,7 @@ HAND_TOTALS = {
     "qwen3moe": (6_300_416, 3_154_688),
     "deepseek2": (6_005_004, 4_825_356),
     "gpt-oss": (4_216_096, 2_637_088),
+    "qwen35moe": (6_843_920, 3_698_192),
 }
 
 
@@ -415,3 +428,21 @@ def test_inspect_bad_path_in_a_real_process(tmp_path):
     assert proc.stderr.splitlines() == [
         f"Error: {tmp_path / 'missing.gguf'} does not exist (check the path, or give a Hugging Face repo as org/name)"
     ]
+
+
+def test_recurrent_layers_follow_llama_cpps_rules():
+    """Which layers keep a recurrent state: an explicit per-layer list, else every n-th layer attends
+    (4 when a Qwen3.5/Qwen3-Next file does not say), MTP layers at the end attend, else Mamba-style
+    hybrids mark recurrent layers with head_count_kv 0."""
+    from moelocal.gguf_model import _recurrent_layers
+
+    kv = (2,) * 8
+    assert _recurrent_layers("qwen35moe", 8, {}, kv) == (0, 1, 2, 4, 5, 6)  # the default interval
+    assert _recurrent_layers("qwen35moe", 8, {"qwen35moe.full_attention_interval": 2}, kv) == (0, 2, 4, 6)
+    listed = {"qwen35moe.attention.recurrent_layers": [True, False] * 4}
+    assert _recurrent_layers("qwen35moe", 8, listed, kv) == (0, 2, 4, 6)
+    with_mtp = {"qwen35moe.nextn_predict_layers": 1}
+    assert _recurrent_layers("qwen35moe", 9, with_mtp, (2,) * 9) == (0, 1, 2, 4, 5, 6)  # layer 8 is MTP
+    jamba = {"jamba.ssm.state_size": 16}
+    assert _recurrent_layers("jamba", 4, jamba, (0, 0, 0, 8)) == (0, 1, 2)
+    assert _recurrent_layers("qwen3moe", 8, {}, kv) == ()

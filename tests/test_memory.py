@@ -24,7 +24,7 @@ from moelocal import layout, memory
 from moelocal.gguf_model import parse_header, read_summary
 from moelocal.measure import measure, write_sparse
 from moelocal.plan import CPU, DeviceMemory, Placement, RunOptions
-from moelocal.testmodels import ARCHS
+from moelocal.testmodels import ARCHS, SPECS, write_header_only
 
 MiB = 1 << 20
 LOG_LSB = 0.005 * MiB  # llama.cpp logs buffer sizes in MiB with two decimals
@@ -123,6 +123,28 @@ def test_a_header_and_a_hole_measure_like_the_whole_file(models, tmp_path):
     assert sparse.stat().st_size == len(data)
     o = RunOptions(n_ctx=4096, n_ubatch=512, flash_attn=True)
     assert measure(sparse, Placement(), o) == measure(path, Placement(), o)
+
+
+# Qwen3.5-35B-A3B's shape (config.json of the published model; no MTP layer, no vision tower): 30
+# gated-delta-net layers and 10 attention layers, 256 experts, a 248k vocabulary
+QWEN35_35B = replace(SPECS["qwen35moe"], n_layer=40, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256, n_expert=256,
+                     n_expert_used=8, expert_ff=512, shared_ff=512, ssm_state=128, ssm_groups=16, ssm_v_heads=32,
+                     rope_dim=64, rope_sections=(11, 11, 10, 0), n_vocab=248320, context_length=262144)
+
+
+def test_a_real_sized_hybrid_is_exact_on_the_cpu(tmp_path):
+    """At full size the compute buffer's peak is set by the output rows and the 248k-wide logits,
+    which Qwen3.5 selects after the output norm; at test size by the delta-net layers. Both exact."""
+    path = write_header_only(QWEN35_35B, tmp_path / "qwen35-35b-a3b-shape.gguf")
+    summary = read_summary(path)
+    assert 34e9 < summary.params_total < 35e9 and len(summary.recurrent_layers) == 30
+    assert memory.compute_is_exact(summary)
+    for opt in [(4096, 512, True, "f16", 1), (32768, 2048, True, "q8_0", 1), (8192, 256, False, "f16", 2)]:
+        o = options(*opt)
+        real = measure(path, Placement(), o)[CPU]
+        est = memory.estimate(summary, Placement(), o)[CPU]
+        assert (est.weights, est.kv, est.compute) == (real.weights, real.kv, real.compute), opt
+        assert real.compute > 100 * 2**20  # hundreds of MB: an error here would matter
 
 
 # ---- offload: a loopback RPC worker is a device llama.cpp really places tensors on -----------
