@@ -7,6 +7,7 @@ from pathlib import Path
 from typing import Annotated
 
 import typer
+from rich import box
 from rich.table import Table
 
 from moelocal import _output
@@ -122,14 +123,15 @@ def render(result) -> None:
     out.print(f"machine: {hw.cpu_name}, {hb(hw.ram_available)} RAM available; {gpus}"
               + (f"  [dim](overridden: {', '.join(hw.overridden)})[/dim]" if hw.overridden else ""))
     devices = [CPU, *hw.gpu_names]
-    table = Table(title_justify="left")
+    # numbers never shrink into "…": in a narrow terminal the placement wraps instead
+    table = Table(title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("")
-    table.add_column("placement", no_wrap=True)
+    table.add_column("placement", min_width=14)
     for d in devices:
         table.add_column("RAM" if d == CPU else d.upper(), justify="right", no_wrap=True)
-    table.add_column("decode tok/s", justify="right", no_wrap=True)
-    table.add_column("prompt tok/s", justify="right", no_wrap=True)
-    table.add_column("verdict")
+    table.add_column("decode\ntok/s", justify="right", no_wrap=True)
+    table.add_column("prompt\ntok/s", justify="right", no_wrap=True)
+    table.add_column("verdict", no_wrap=True)
     for i, p in enumerate(result.plans):
         cells = []
         for d in devices:
