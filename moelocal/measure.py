@@ -49,7 +49,7 @@ def measure(
     ``allocate=False`` (the default) uses no_alloc: nothing is allocated and no weights are read.
     ``allocate=True`` loads for real (mmap), as the engine does; weights on the CPU are then the
     mapped range of the file. ``extra_bufts`` lets llama.cpp repack CPU weights (off by default:
-    see TEAM.md's AMX trap). ``named`` maps plan device names to ggml devices that are
+    see engine.extra_bufts_default: the AMX trap). ``named`` maps plan device names to ggml devices that are
     not in the registry (RPC workers' ``rpc0``, ... from native.rpc_add_server).
     """
     from moelocal import native

@@ -34,7 +34,7 @@ EXTRA_WORDS = {"i", "a", "s", "t", "d", "ll", "ve", "re", "m", "mr", "mrs", "st"
 
 class Demo:
     """The shipped GGUF loaded through llama.cpp's low-level API, with use_extra_bufts off: this
-    machine's AMX buffer type crashes on batches of quantized weights (see TEAM.md)."""
+    machine's AMX buffer type crashes on batches of quantized weights (see engine.extra_bufts_default)."""
 
     def __init__(self, path: str) -> None:
         lc = llama_cpp
