@@ -299,6 +299,64 @@ def make_plan(summary: ModelSummary, placement: Placement, options: RunOptions, 
                 predicted=predict(summary, placement, options, hw), fits=fits)
 
 
+def balance(summary: ModelSummary, placement: Placement, hw: Hardware, options: RunOptions) -> Placement:
+    """``placement`` with its layers split across several GPUs so that memory fills each in proportion
+    to its budget: ``tensor_split`` becomes the number of layers each device takes, in order.
+
+    A split by free memory alone (llama.cpp's default) ignores what each layer weighs: with
+    ``--n-cpu-moe`` the first layers are light (their experts stay in RAM) and the last heavy, so the
+    first GPU would be left half empty while the last one overflows. This walks the layers in
+    llama.cpp's order with each layer's bytes on the GPU (weights there, its KV cache; the output
+    head with the last) plus each device's fixed overhead, and finds the smallest common fill ratio
+    at which every device holds its share (binary search; each cut greedy, which is optimal for
+    contiguous ranges). Compute buffers are left to make_plan's full estimate.
+    """
+    devices = placement.devices
+    if len(devices) < 2 or placement.n_gpu_layers <= 0:
+        return placement
+    n = summary.n_layer
+    start = max(n + 1 - placement.n_gpu_layers, 0)
+    located = layout.locate(summary, replace(placement, tensor_split=()))
+    cost = [0] * (n + 1)  # per layer, the output head last
+    for loc in located:
+        if loc.device != CPU:
+            layer = loc.tensor.layer
+            cost[n if layer is None or layer >= n else layer] += loc.tensor.n_bytes
+    for il, kv in enumerate(memory.kv_bytes_by_layer(summary, options)):
+        if il < n:
+            cost[il] += kv
+    cost = cost[start:]
+    budget = budgets(hw)
+    backends = dict(zip(hw.gpu_names, (g.backend for g in hw.gpus), strict=True))
+    room = [max(budget.get(d, 0), 1) for d in devices]
+    fixed = [memory.BACKEND_OVERHEAD.get(backends.get(d, "cuda"), memory.BACKEND_OVERHEAD["cuda"]) for d in devices]
+
+    def cut(ratio: float) -> list[int] | None:
+        counts, j = [], 0
+        for d in range(len(devices)):
+            cap, load, taken = ratio * room[d] - fixed[d], 0, 0
+            while j < len(cost) and (d == len(devices) - 1 or load + cost[j] <= cap):
+                load += cost[j]
+                j += 1
+                taken += 1
+            if d == len(devices) - 1 and load > cap:
+                return None
+            counts.append(taken)
+        return counts
+
+    lo, hi = 0.0, 1.0
+    while cut(hi) is None and hi < 1e6:
+        hi *= 2
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if cut(mid) is None:
+            lo = mid
+        else:
+            hi = mid
+    counts = cut(hi) or [1] * len(devices)
+    return replace(placement, tensor_split=tuple(float(c) for c in counts))
+
+
 def placements(summary: ModelSummary, hw: Hardware) -> list[Placement]:
     """Every placement worth pricing, most GPU first."""
     out: list[Placement] = []
@@ -328,7 +386,7 @@ def placements(summary: ModelSummary, hw: Hardware) -> list[Placement]:
 
 
 def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions) -> list[Plan]:
-    return [make_plan(summary, p, options, hw) for p in placements(summary, hw)]
+    return [make_plan(summary, balance(summary, p, hw, options), options, hw) for p in placements(summary, hw)]
 
 
 def _choose(plans: Sequence[Plan]) -> int | None:
@@ -438,7 +496,7 @@ def plan_model(
     placement = Placement(n_gpu_layers=ngl, n_cpu_moe=k if devices and ngl else 0,
                           tensor_overrides=overrides if devices and ngl else (),
                           devices=devices if ngl else (), tensor_split=split if ngl else ())
-    return make_plan(summary, placement, options, hw)
+    return make_plan(summary, balance(summary, placement, hw, options), options, hw)
 
 
 def recommend_quant(summaries: Sequence[ModelSummary], hw: Hardware, options: RunOptions,
@@ -476,8 +534,11 @@ def llama_cpp_flags(plan: Plan, hw: Hardware | None = None) -> list[str]:
     elif p.tensor_overrides:
         flags += ["-ot", ",".join(f"{pat}={_llama_dev(dev, hw)}" for pat, dev in p.tensor_overrides)]
     if len(p.devices) > 1 and p.tensor_split:
-        total = sum(p.tensor_split) or 1
-        flags += ["-ts", ",".join(f"{s / total:.2f}" for s in p.tensor_split)]
+        if all(float(s).is_integer() for s in p.tensor_split):  # layers per device: exact boundaries
+            flags += ["-ts", ",".join(str(int(s)) for s in p.tensor_split)]
+        else:
+            total = sum(p.tensor_split) or 1
+            flags += ["-ts", ",".join(f"{s / total:.4f}" for s in p.tensor_split)]
     flags += ["-c", str(o.n_ctx)]
     if o.n_ubatch != 512:
         flags += ["-ub", str(o.n_ubatch)]

@@ -149,6 +149,41 @@ def test_two_gpus_split_layers_by_free_memory(q30b):
     assert "-ts" in planner.llama_cpp_flags(best, hw)
 
 
+def test_unequal_gpus_are_filled_by_what_each_layer_weighs(q30b):
+    """12 + 4 GiB with experts in RAM: the first layers are light (their experts stay in RAM), so a
+    split by free memory alone (3:1) would leave the big card half empty and overflow the small one;
+    the split by bytes fills both and keeps more experts on the GPUs."""
+    hw = machine([12 * GiB, 4 * GiB], ram=64 * GiB)
+    best = planner.fit(q30b, hw, OPTS).best
+    p = best.placement
+    assert p.devices == ("gpu0", "gpu1") and 0 < p.n_cpu_moe < q30b.n_layer
+    counts = [int(c) for c in p.tensor_split]
+    assert list(p.tensor_split) == counts and sum(counts) == p.n_gpu_layers  # layers per device
+    assert layout.layer_devices(q30b.n_layer, p).count("gpu0") == counts[0]
+    for dev in ("gpu0", "gpu1"):  # both cards well used, neither over
+        assert 0.8 * best.budget[dev] < best.memory[dev].total <= best.budget[dev]
+    assert planner.llama_cpp_flags(best, hw)[planner.llama_cpp_flags(best, hw).index("-ts") + 1] == \
+        f"{counts[0]},{counts[1]}"
+
+    by_free = replace(p, tensor_split=(12.0, 4.0))  # llama.cpp's default: proportional to free memory
+    priced = planner.make_plan(q30b, by_free, OPTS, hw)
+    assert not priced.fits  # the same experts on the GPUs do not fit split 3:1
+
+    def fits_by_free(k: int) -> bool:
+        moved = replace(by_free, n_cpu_moe=k, tensor_overrides=layout.n_cpu_moe_overrides(k))
+        return planner.make_plan(q30b, moved, OPTS, hw).fits
+
+    fewer = min(k for k in range(p.n_cpu_moe, q30b.n_layer + 1) if fits_by_free(k))
+    assert fewer > p.n_cpu_moe + 5  # split 3:1, many more layers' experts must go to RAM
+
+
+def test_equal_gpus_without_expert_offload_get_equal_layers(q30b):
+    hw = machine([200 * GiB, 200 * GiB])
+    p = planner.balance(q30b, Placement(n_gpu_layers=q30b.n_layer + 1, devices=("gpu0", "gpu1")), hw, OPTS)
+    a, b = p.tensor_split
+    assert abs(a - b) <= 2 and a + b == q30b.n_layer + 1  # the output head weighs a little on gpu1
+
+
 def test_unified_memory_counts_gpu_and_cpu_against_the_same_ram(q30b):
     ram = 24 * GiB
     mac = Hardware(cpu_name="Apple M4 Pro", cpu_cores=12, ram_total=ram, ram_available=ram, cpu_bandwidth=200e9,

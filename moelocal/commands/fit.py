@@ -126,7 +126,7 @@ def render(result) -> None:
     # numbers never shrink into "…": in a narrow terminal the placement wraps instead
     table = Table(title_justify="left", box=box.SIMPLE_HEAD)
     table.add_column("")
-    table.add_column("placement", min_width=14)
+    table.add_column("placement", min_width=10)
     for d in devices:
         table.add_column("RAM" if d == CPU else d.upper(), justify="right", no_wrap=True)
     table.add_column("decode\ntok/s", justify="right", no_wrap=True)
