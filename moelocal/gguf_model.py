@@ -141,6 +141,22 @@ class ModelSummary:
     metadata: Mapping[str, Any] = field(repr=False, compare=False)
     unknown_tensors: tuple[str, ...] = ()
 
+    # ---- what llama.cpp loads ----------------------------------------------------------------
+    @property
+    def mtp_layers(self) -> tuple[int, ...]:
+        """The multi-token-prediction (nextn) layers at the end of the block list, if any."""
+        n = int(self.meta("nextn_predict_layers", 0) or 0)
+        return tuple(range(self.n_layer - n, self.n_layer)) if 0 < n < self.n_layer else ()
+
+    @property
+    def loaded_tensors(self) -> tuple[TensorInfo, ...]:
+        """The tensors llama.cpp loads: all, except the MTP layers' where its loader leaves them
+        out (it does unless llama_model_params.load_mtp is set, which moelocal never sets)."""
+        mtp = self.mtp_layers
+        if not mtp or self.architecture not in MTP_SKIPPED_ARCHS:
+            return self.tensors
+        return tuple(t for t in self.tensors if t.layer is None or t.layer < mtp[0])
+
     # ---- totals -------------------------------------------------------------------------------
     @property
     def params_total(self) -> int:
@@ -229,6 +245,7 @@ class ModelSummary:
             "q_lora_rank": self.q_lora_rank,
             "kv_lora_rank": self.kv_lora_rank,
             "recurrent_layers": list(self.recurrent_layers),
+            "mtp_layers": list(self.mtp_layers),
             "params_total": self.params_total,
             "params_active": self.params_active,
             "bits_per_weight": round(self.bits_per_weight, 3),
@@ -619,6 +636,13 @@ def _swa_layers(arch: str, n_layer: int, window: int, pattern: Any) -> tuple[boo
         return tuple(il % 2 == 0 for il in range(n_layer))
     return (True,) * n_layer
 
+
+# Architectures whose loader skips the MTP (nextn) layers unless load_mtp is set: llama.cpp's
+# models/*.cpp that mark those tensors TENSOR_SKIP (deepseek2.cpp, glm4-moe.cpp, qwen35moe.cpp ...)
+MTP_SKIPPED_ARCHS = frozenset({
+    "bailingmoe3", "cohere2moe", "deepseek2", "deepseek32", "deepseek4", "glm-dsa", "glm4moe", "glm5-next",
+    "hy_v3", "mimo2", "nemotron_h", "nemotron_h_moe", "qwen35", "qwen35moe", "qwen3next", "step35",
+})
 
 # Hybrids whose attention layers come every n-th layer, 4 when the file does not say (llama.cpp's
 # models/qwen3next.cpp, qwen35.cpp, qwen35moe.cpp, qwen4exp.cpp, minimax-01.cpp)

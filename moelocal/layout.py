@@ -75,7 +75,7 @@ def _locate(summary: ModelSummary, placement: Placement) -> tuple[Located, ...]:
             forced.setdefault(name, target)
     out = []
     has_output = False
-    for t in summary.tensors:
+    for t in summary.loaded_tensors:  # MTP layers llama.cpp leaves out take no memory
         if t.layer is not None and t.layer < summary.n_layer:
             dev = per_layer[t.layer]
         elif t.role == "embeddings" or t.name.startswith("token_embd"):

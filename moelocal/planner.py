@@ -265,7 +265,7 @@ def _predict_from_disk(summary: ModelSummary, plan_memory: DeviceMemory, budget:
     resident = max(0, budget - (plan_memory.total - plan_memory.weights))
     miss = 1.0 - min(1.0, resident / max(plan_memory.weights, 1))
     frac = summary.n_expert_used / summary.n_expert if summary.n_expert else 1.0
-    per_token = sum(t.n_bytes * (frac if t.role == "routed_experts" else 1.0) for t in summary.tensors
+    per_token = sum(t.n_bytes * (frac if t.role == "routed_experts" else 1.0) for t in summary.loaded_tensors
                     if t.role != "embeddings")
     t = (1 / base.decode_tps if base.decode_tps else 0) + per_token * miss / hw.disk_bandwidth
     return Prediction(decode_tps=round(1 / t, 3) if t else 0.0, prefill_tps=base.prefill_tps)

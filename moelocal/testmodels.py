@@ -89,6 +89,7 @@ class Spec:
     ssm_conv: int = 0
     attention_interval: int = 0
     rope_sections: tuple[int, ...] = ()  # multimodal RoPE sections (qwen35moe)
+    nextn: int = 0  # multi-token-prediction layers after the n_layer trunk layers (qwen35moe)
     n_vocab: int = VOCAB_SIZE
     context_length: int = 4096
     rope_freq_base: float = 10000.0
@@ -229,8 +230,11 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
     out: list[tuple[str, tuple[int, ...]]] = [("token_embd.weight", (e, v)), ("output_norm.weight", (e,)),
                                                ("output.weight", (e, v))]
     recurrent = spec.recurrent_layers
-    for il in range(spec.n_layer):
+    for il in range(spec.n_layer + spec.nextn):
         b = f"blk.{il}."
+        if il >= spec.n_layer:  # an MTP layer: an attention block, its FFN, and what feeds it
+            out += [(b + "nextn.eh_proj.weight", (2 * e, e)), (b + "nextn.enorm.weight", (e,)),
+                    (b + "nextn.hnorm.weight", (e,))]
         out.append((b + "attn_norm.weight", (e,)))
         out += _delta_net(spec, b) if il in recurrent else _attention(spec, b)
         if spec.arch in ("gpt-oss", "qwen35moe"):
@@ -308,8 +312,10 @@ def _keeps_f32(name: str, shape: tuple[int, ...]) -> bool:
 # ---- writing ---------------------------------------------------------------------------------
 
 
-def write_model(arch: str, path: str | os.PathLike[str], dtype: str = "f16", seed: int = 0, n_split: int = 1) -> Path:
-    """Write the test model ``arch`` with random weights (F16 or F32 matrices) to ``path``.
+def write_model(arch: str | Spec, path: str | os.PathLike[str], dtype: str = "f16", seed: int = 0,
+                n_split: int = 1) -> Path:
+    """Write the test model ``arch`` (a name in ARCHS, or a Spec) with random weights (F16 or F32
+    matrices) to ``path``.
 
     With ``n_split > 1`` the model is written as that many shards, named as llama.cpp's gguf-split
     names them (``stem-00001-of-00003.gguf``); the path of the first shard is returned.
@@ -391,7 +397,9 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
     w.add_file_type(1 if dtype == "f16" else 0)  # llama_ftype: MOSTLY_F16 / ALL_F32
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.n_embd)
-    w.add_block_count(spec.n_layer)
+    w.add_block_count(spec.n_layer + spec.nextn)
+    if spec.nextn:
+        w.add_nextn_predict_layers(spec.nextn)
     w.add_feed_forward_length(spec.n_ff)
     w.add_head_count(spec.n_head)
     w.add_head_count_kv(spec.n_head_kv)
@@ -451,7 +459,9 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
     w.add_chat_template(CHATML_TEMPLATE)
 
 
-def _spec(arch: str) -> Spec:
+def _spec(arch: str | Spec) -> Spec:
+    if isinstance(arch, Spec):
+        return arch
     try:
         return SPECS[arch]
     except KeyError:

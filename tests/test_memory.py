@@ -24,7 +24,7 @@ from moelocal import layout, memory
 from moelocal.gguf_model import parse_header, read_summary
 from moelocal.measure import measure, write_sparse
 from moelocal.plan import CPU, DeviceMemory, Placement, RunOptions
-from moelocal.testmodels import ARCHS, SPECS, write_header_only
+from moelocal.testmodels import ARCHS, SPECS, write_header_only, write_model
 
 MiB = 1 << 20
 LOG_LSB = 0.005 * MiB  # llama.cpp logs buffer sizes in MiB with two decimals
@@ -145,6 +145,23 @@ def test_a_real_sized_hybrid_is_exact_on_the_cpu(tmp_path):
         est = memory.estimate(summary, Placement(), o)[CPU]
         assert (est.weights, est.kv, est.compute) == (real.weights, real.kv, real.compute), opt
         assert real.compute > 100 * 2**20  # hundreds of MB: an error here would matter
+
+
+def test_mtp_layers_that_llama_cpp_leaves_out_take_no_memory(tmp_path):
+    """Qwen3.5 (like DeepSeek-V3 and GLM-4.5) files may carry a multi-token-prediction layer after
+    the trunk; llama.cpp skips its tensors unless asked to load them, so it costs nothing."""
+    path = write_model(replace(SPECS["qwen35moe"], nextn=1), tmp_path / "qwen35moe-mtp.gguf")
+    summary = read_summary(path)
+    assert summary.mtp_layers == (4,) and summary.n_layer == 5 and summary.to_dict()["mtp_layers"] == [4]
+    mtp_bytes = summary.layer_bytes(4)
+    assert mtp_bytes > 1 << 20  # a whole MoE layer: it would matter
+    o = RunOptions(n_ctx=1024, n_ubatch=256)
+    real = measure(path, Placement(), o)[CPU]
+    est = memory.estimate(summary, Placement(), o)[CPU]
+    assert (est.weights, est.kv, est.compute) == (real.weights, real.kv, real.compute)
+    assert real.weights < summary.tensor_bytes - mtp_bytes + 32 * len(summary.tensors)
+    on_gpu = memory.estimate(summary, Placement(n_gpu_layers=6, devices=("gpu0",)), o)
+    assert on_gpu["gpu0"].weights + on_gpu[CPU].weights == est.weights  # nowhere, on any device
 
 
 # ---- offload: a loopback RPC worker is a device llama.cpp really places tensors on -----------

@@ -51,6 +51,10 @@ def render(s) -> None:
         extras.append(f"{len(s.recurrent_layers)} recurrent layers")
     if extras:
         out.print("attention: " + "; ".join(extras))
+    if s.mtp_layers:
+        skipped = s.tensor_bytes - sum(t.n_bytes for t in s.loaded_tensors)
+        out.print(f"multi-token prediction: {len(s.mtp_layers)} layer(s)"
+                  + (f", not loaded by llama.cpp ({hb(skipped)} of the file)" if skipped else ""))
     out.print(
         f"parameters: {hc(s.params_total)} total, {hc(s.params_active)} active per token "
         f"({s.bits_per_weight:.2f} bits per weight)"
