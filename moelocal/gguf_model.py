@@ -7,6 +7,7 @@ range request, and must refuse absurd counts before it allocates anything.
 
 from __future__ import annotations
 
+import functools
 import math
 import mmap
 import os
@@ -140,6 +141,15 @@ class ModelSummary:
     tensors: tuple[TensorInfo, ...]
     metadata: Mapping[str, Any] = field(repr=False, compare=False)
     unknown_tensors: tuple[str, ...] = ()
+
+    # A summary is a key of the planner's caches (layout, memory); the hash generated for a frozen
+    # dataclass walks every TensorInfo on each lookup (thousands per fit), so it is computed once.
+    @functools.cached_property
+    def _hash(self) -> int:
+        return hash((self.architecture, self.name, self.files, self.file_size, self.tensors))
+
+    def __hash__(self) -> int:
+        return self._hash
 
     # ---- what llama.cpp loads ----------------------------------------------------------------
     @property

@@ -27,6 +27,7 @@ llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-ba
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -174,6 +175,13 @@ class _Model:
     n_group: int = 0
     n_v_heads: int = 0  # gated delta nets: value heads (ssm.time_step_rank)
     exact: bool = True  # the compute graph of this architecture is modelled node for node
+
+    @functools.cached_property
+    def _hash(self) -> int:  # computed once: _Model is the key of the compute caches
+        return hash((self.arch, self.n_layer, self.n_embd, self.n_vocab, self.layers))
+
+    def __hash__(self) -> int:
+        return self._hash
 
 
 _EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe"}
@@ -658,15 +666,20 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
 
 
 # Layers built per run of identical layers: ggml-alloc's layout repeats from the second layer of a
-# run on, so more change nothing (checked against llama.cpp on every test architecture).
+# run on, so more change nothing (checked against llama.cpp on every test architecture). Longer
+# repeating units (hybrids' delta-net layers plus an attention layer) keep _RUN_UNITS units: on a
+# Qwen3.5-35B-A3B shape one unit already gives the same bytes as all 40 layers (6 placements x 3
+# option sets), and building 12 layers instead of 24 halves fit's time.
 _RUN = 6
+_RUN_UNITS = 3
 
 
 def _kept_layers(m: _Model, weights: dict[str, tuple[str, int]] | None = None,
                  layer_dev: Sequence[str] | None = None) -> tuple[int, ...]:
     """The layers worth building: at most _RUN of every run of identical layers (same structure,
-    same devices for them and their weights; alternating sliding-window layers count in pairs),
-    and always the last layer, which selects the output rows."""
+    same devices for them and their weights; alternating sliding-window layers count in pairs,
+    hybrids' delta-net-and-attention units as one, see _period), and always the last layer, which
+    selects the output rows."""
     per_layer: dict[int, list[tuple[str, str]]] = {}
     for name, (dev, _) in (weights or {}).items():
         if name.startswith("blk."):
@@ -674,13 +687,14 @@ def _kept_layers(m: _Model, weights: dict[str, tuple[str, int]] | None = None,
             per_layer.setdefault(int(il_s), []).append((rest, dev))
     sig = [(m.layers[il], layer_dev[il] if layer_dev else CPU, tuple(sorted(per_layer.get(il, ()))))
            for il in range(m.n_layer)]
-    period = 2 if m.sliding_window else 1
+    period = _period(m)
+    limit = (_RUN if period <= 2 else _RUN_UNITS) * period
     kept: list[int] = []
     run = 0
     for il in range(m.n_layer):
         same = il >= period and sig[il - period] == sig[il] and il != m.n_layer - 1
         run = run + 1 if same else 0
-        if run < _RUN * period:
+        if run < limit:
             kept.append(il)
     return tuple(kept)
 
@@ -728,6 +742,17 @@ def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T
     normed = g.op("MUL", (s_v, hv, tn, ns), g.op("RMS_NORM", (s_v, hv, tn, ns), o), w(b + "ssm_norm.weight"))
     gated = g.op("MUL", (s_v, hv, tn, ns), normed, g.op("UNARY", (s_v, hv, tn, ns), g.view(z, (s_v, hv, tn, ns))))
     return g.view(g.op("MUL_MAT", (E, tn, ns), w(b + "ssm_out.weight"), g.view(gated, (m.d_inner, tn, ns))), (E, T))
+
+
+def _period(m: _Model) -> int:
+    """How many layers make one repeating unit: 1; 2 where sliding-window layers alternate; the
+    attention interval of hybrids (Qwen3.5: three delta-net layers, then one attention layer)."""
+    attn = [il for il, ly in enumerate(m.layers) if not ly.recurrent]
+    if len(attn) < len(m.layers):
+        gaps = {b - a for a, b in zip(attn, attn[1:], strict=False)}
+        if len(gaps) == 1:
+            return gaps.pop()
+    return 2 if m.sliding_window else 1
 
 
 def _rot_size(head: int) -> int:
