@@ -357,36 +357,73 @@ def balance(summary: ModelSummary, placement: Placement, hw: Hardware, options: 
     return replace(placement, tensor_split=tuple(float(c) for c in counts))
 
 
-def placements(summary: ModelSummary, hw: Hardware) -> list[Placement]:
-    """Every placement worth pricing, most GPU first."""
-    out: list[Placement] = []
+def placement_families(summary: ModelSummary, hw: Hardware) -> list[list[Placement]]:
+    """Every placement worth pricing, in families ordered from most on the GPU to least.
+
+    Within a family each step moves something off the GPUs (one more layer's experts to RAM, or
+    one layer fewer on the GPU): what the GPUs hold only shrinks, and so does the speed. The
+    families: all on the GPU(s) followed by ``--n-cpu-moe N`` for each N; all experts in RAM with
+    fewer GPU layers each step (dense models: fewer GPU layers); CPU only."""
     devices, split = _gpu_devices(hw)
     n = summary.n_layer
-    if devices:
-        full = n + 1
-        out.append(Placement(n_gpu_layers=full, devices=devices, tensor_split=split))
-        if summary.is_moe:
-            moe = summary.moe_layers
-            seen = set()
-            for k in range(1, n + 1):
-                moved = tuple(i for i in moe if i < k)
-                if not moved or moved in seen:
-                    continue
-                seen.add(moved)
-                out.append(Placement(n_gpu_layers=full, n_cpu_moe=k, tensor_overrides=layout.n_cpu_moe_overrides(k),
-                                     devices=devices, tensor_split=split))
-            for ngl in range(n, 0, -1):  # all experts in host memory and fewer layers on the GPU
-                out.append(Placement(n_gpu_layers=ngl, n_cpu_moe=n, tensor_overrides=layout.cpu_moe_overrides(),
-                                     devices=devices, tensor_split=split))
-        else:
-            for ngl in range(n, 0, -1):
-                out.append(Placement(n_gpu_layers=ngl, devices=devices, tensor_split=split))
-    out.append(Placement(n_gpu_layers=0))
+    if not devices:
+        return [[Placement(n_gpu_layers=0)]]
+    full = n + 1
+    first = [Placement(n_gpu_layers=full, devices=devices, tensor_split=split)]
+    fewer: list[Placement] = []
+    if summary.is_moe:
+        moe = summary.moe_layers
+        seen = set()
+        for k in range(1, n + 1):
+            moved = tuple(i for i in moe if i < k)
+            if not moved or moved in seen:
+                continue
+            seen.add(moved)
+            first.append(Placement(n_gpu_layers=full, n_cpu_moe=k, tensor_overrides=layout.n_cpu_moe_overrides(k),
+                                   devices=devices, tensor_split=split))
+        for ngl in range(n, 0, -1):  # all experts in host memory and fewer layers on the GPU
+            fewer.append(Placement(n_gpu_layers=ngl, n_cpu_moe=n, tensor_overrides=layout.cpu_moe_overrides(),
+                                   devices=devices, tensor_split=split))
+    else:
+        fewer = [Placement(n_gpu_layers=ngl, devices=devices, tensor_split=split) for ngl in range(n, 0, -1)]
+    return [first, fewer, [Placement(n_gpu_layers=0)]]
+
+
+def _gpus_hold(plan: Plan) -> bool:
+    """Whether every offload device stays within its budget (RAM aside)."""
+    return all(m.total <= plan.budget.get(d, 0) for d, m in plan.memory.items() if d != CPU)
+
+
+def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions, exhaustive: bool = False) -> list[Plan]:
+    """The placements priced, in family order: in each family the first whose GPUs hold it (the
+    fastest of the family that can fit), the one before it, and the family's first; found by
+    bisection, since the GPUs' load only shrinks along a family. ``exhaustive`` prices all of them
+    (the tests compare)."""
+
+    def price(p: Placement) -> Plan:
+        return make_plan(summary, balance(summary, p, hw, options), options, hw)
+
+    out: list[Plan] = []
+    for family in placement_families(summary, hw):
+        if exhaustive:
+            out += [price(p) for p in family]
+            continue
+        priced = {0: price(family[0])}
+        if not _gpus_hold(priced[0]) and len(family) > 1:
+            last = len(family) - 1
+            priced[last] = price(family[last])
+            if _gpus_hold(priced[last]):
+                lo, hi = 0, last  # lo does not hold, hi does
+                while hi - lo > 1:
+                    mid = (lo + hi) // 2
+                    priced[mid] = price(family[mid])
+                    if _gpus_hold(priced[mid]):
+                        hi = mid
+                    else:
+                        lo = mid
+                priced.setdefault(hi - 1, price(family[hi - 1]))
+        out += [priced[i] for i in sorted(priced)]
     return out
-
-
-def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions) -> list[Plan]:
-    return [make_plan(summary, balance(summary, p, hw, options), options, hw) for p in placements(summary, hw)]
 
 
 def _choose(plans: Sequence[Plan]) -> int | None:

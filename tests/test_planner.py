@@ -64,9 +64,23 @@ def test_recommended_plan_never_exceeds_any_budget(q30b, vram_gib):
     budget = planner.budgets(hw)
     for dev, mem in best.memory.items():
         assert mem.total <= budget[dev], (dev, mem.total, budget[dev])
-    # and it is the fastest of the fitting candidates
-    fitting = [p for p in planner.candidates(q30b, hw, OPTS) if p.fits]
+    # and it is the fastest of all fitting placements, every one of them priced
+    fitting = [p for p in planner.candidates(q30b, hw, OPTS, exhaustive=True) if p.fits]
     assert best.predicted.decode_tps == max(p.predicted.decode_tps for p in fitting)
+
+
+@pytest.mark.parametrize("vram", [[3], [6], [10], [14], [20], [40], [12, 4], [8, 8, 8], []])
+def test_bisection_picks_what_pricing_everything_picks(q30b, vram):
+    """fit prices a few placements per family (bisection); pricing all ~97 chooses the same plan."""
+    hw = machine([v * GiB for v in vram], ram=40 * GiB)
+    some = planner.candidates(q30b, hw, OPTS)
+    every = planner.candidates(q30b, hw, OPTS, exhaustive=True)
+    assert len(every) == 1 or len(some) <= 20 < len(every)
+    pick = planner._choose(some)
+    best = planner._choose(every)
+    assert (pick is None) == (best is None)
+    if best is not None:
+        assert some[pick].placement == every[best].placement
 
 
 def test_less_vram_never_plans_more_experts_on_gpu(q30b):
