@@ -361,12 +361,13 @@ def write_header_only(spec: Spec, path: str | os.PathLike[str], qtype: str = "q8
     The file is sparse (a few MB on disk whatever its size), so a real-sized shape (``spec`` with
     the dimensions of a published model, see dataclasses.replace) costs nothing to make. llama.cpp
     reads its header and plans its memory with no_alloc (measure.py); it cannot generate. Matrices
-    are ``qtype`` (q8_0 or f16), vectors, norms and routers F32, as in a converted model.
+    are ``qtype`` (q8_0, q4_k or f16), vectors, norms and routers F32, as in a converted model.
     """
     import numpy as np
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType, GGUFWriter
 
-    matrix_type = {"q8_0": GGMLQuantizationType.Q8_0, "f16": GGMLQuantizationType.F16}[qtype]
+    matrix_type = {"q8_0": GGMLQuantizationType.Q8_0, "f16": GGMLQuantizationType.F16,
+                   "q4_k": GGMLQuantizationType.Q4_K}[qtype]
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     writer = GGUFWriter(path, spec.arch)
