@@ -17,8 +17,8 @@ llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-ba
 - **compute**: llama.cpp reserves its compute buffer by allocating the worst-case graph (one
   ubatch of ``min(n_ctx, n_ubatch)`` tokens against the full cache) with ggml-alloc. We rebuild
   that graph's tensors (:func:`_build_graph`) and run the same allocator (:class:`_Allocator`).
-  For llama (dense and Mixtral-style MoE), qwen2moe, qwen3moe, deepseek2 (MLA), gpt-oss and
-  qwen35moe (Qwen3.5's hybrid of gated delta nets and gated attention) this matches llama.cpp's
+  For llama (dense and Mixtral-style MoE), qwen2moe, qwen3moe, deepseek2 (MLA), gpt-oss,
+  qwen35moe and qwen3next (hybrids of gated delta nets and gated attention) this matches llama.cpp's
   CPU compute buffer to the byte, at any context, ubatch, sequence count, KV type and
   flash-attention setting; see :func:`compute_bytes` for what is approximate.
 - **overhead**: a fixed allowance per GPU backend for what llama.cpp never reports (driver
@@ -130,7 +130,7 @@ class _Layer:
     ffn: str  # "dense" | "moe" | "none"
     n_ff: int  # dense FFN width, or one expert's
     n_ff_shexp: int = 0
-    shexp_gate: bool = False  # qwen2moe, qwen35moe: a sigmoid gate in front of the shared expert
+    shexp_gate: bool = False  # qwen2moe, qwen35moe, qwen3next: a sigmoid gate in front of the shared expert
     q_bias: bool = False
     k_bias: bool = False
     v_bias: bool = False
@@ -174,6 +174,7 @@ class _Model:
     d_state: int = 0
     n_group: int = 0
     n_v_heads: int = 0  # gated delta nets: value heads (ssm.time_step_rank)
+    ssm_in: bool = False  # Qwen3-Next's fused q/k/v/z projection (ssm_in) instead of attn_qkv + attn_gate
     exact: bool = True  # the compute graph of this architecture is modelled node for node
 
     @functools.cached_property
@@ -184,12 +185,13 @@ class _Model:
         return self._hash
 
 
-_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe"}
+_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe", "qwen3next"}
 # Architectures whose recurrent layers are Qwen3.5's gated delta nets (models/qwen35*.cpp)
-_DELTA_NET_ARCHS = {"qwen35", "qwen35moe"}
+_DELTA_NET_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
 # Architectures whose norm before the FFN is stored as post_attention_norm (not ffn_norm)
-_POST_ATTN_NORM = {"gpt-oss", "qwen35", "qwen35moe"}
-_NORM_W = {"llama": True, "qwen3moe": True, "qwen3vlmoe": True, "qwen35moe": True, "qwen2moe": False, "gpt-oss": False}
+_POST_ATTN_NORM = {"gpt-oss", "qwen35", "qwen35moe", "qwen3next"}
+_NORM_W = {"llama": True, "qwen3moe": True, "qwen3vlmoe": True, "qwen35moe": True, "qwen3next": True,
+           "qwen2moe": False, "gpt-oss": False}
 
 
 _MODELS: dict[int, tuple[ModelSummary, _Model]] = {}
@@ -264,6 +266,7 @@ def _build_model(summary: ModelSummary) -> _Model:
         d_conv=int(summary.meta("ssm.conv_kernel", 0) or 0), d_inner=int(summary.meta("ssm.inner_size", 0) or 0),
         d_state=int(summary.meta("ssm.state_size", 0) or 0), n_group=int(summary.meta("ssm.group_count", 0) or 0),
         n_v_heads=int(summary.meta("ssm.time_step_rank", 0) or 0),
+        ssm_in=any(t.name.endswith(".ssm_in.weight") for t in summary.tensors),
         exact=arch in _EXACT_ARCHS and (not recurrent or arch in _DELTA_NET_ARCHS),
     )
 
@@ -700,10 +703,11 @@ def _kept_layers(m: _Model, weights: dict[str, tuple[str, int]] | None = None,
 
 
 def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T | None) -> _T:
-    """build_layer_attn_linear (models/qwen35moe.cpp) with llama.cpp's fused gated-delta-net op,
-    which it uses on every backend that has it: projections, the causal conv over the cached
-    conv state, L2-normed q/k, one GATED_DELTA_NET node (outputs and the new state), gated norm,
-    output projection. The state updates are copies into the recurrent cache: no memory here."""
+    """build_layer_attn_linear (models/qwen35moe.cpp, qwen3next.cpp) with llama.cpp's fused
+    gated-delta-net op, which it uses on every backend that has it: projections, the causal conv
+    over the cached conv state, L2-normed q/k, one GATED_DELTA_NET node (outputs and the new
+    state), gated norm, output projection. The state updates are copies into the recurrent cache:
+    no memory here."""
     g.expand(cur)  # the layer's input norm is expanded first (models/qwen35moe.cpp)
     T, E = k.n_tokens, m.n_embd
     ns = max(1, k.n_stream)
@@ -714,11 +718,24 @@ def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T
     s_v = m.d_inner // hv if hv else 0
     conv_ch = m.d_inner + 2 * hk * s_k
     n_r = max(m.d_conv - 1, 0) * conv_ch
-    qkv = g.view(g.op("MUL_MAT", (conv_ch, T), w(b + "attn_qkv.weight"), cur), (conv_ch, tn, ns))
-    z = g.op("MUL_MAT", (m.d_inner, T), w(b + "attn_gate.weight"), cur)
-    beta = g.op("UNARY", (1, hv, tn, ns), g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_beta.weight"), cur),
-                                                 (1, hv, tn, ns)))
-    alpha = g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_alpha.weight"), cur), (hv, tn, ns))
+    if m.ssm_in:  # Qwen3-Next: one projection, split per key head, copied apart, joined again
+        per_head = 2 * s_k + 2 * m.d_inner // hk
+        mixed = g.op("MUL_MAT", (per_head * hk, T), w(b + "ssm_in.weight"), cur)
+        z = g.op("CONT", (m.d_inner // hk, hk, tn, ns), g.view(mixed, (m.d_inner // hk, hk, tn, ns), False))
+        q_flat = g.op("CONT", (s_k * hk, tn, ns), g.view(mixed, (s_k, hk, tn, ns), False))
+        k_flat = g.op("CONT", (s_k * hk, tn, ns), g.view(mixed, (s_k, hk, tn, ns), False))
+        v_flat = g.op("CONT", (m.d_inner, tn, ns), g.view(mixed, (m.d_inner // hk, hk, tn, ns), False))
+        qkv = g.op("CONCAT", (conv_ch, tn, ns), g.op("CONCAT", (2 * s_k * hk, tn, ns), q_flat, k_flat), v_flat)
+        ba = g.op("MUL_MAT", (2 * hv, T), w(b + "ssm_ba.weight"), cur)
+        beta = g.op("CONT", (hv // hk, hk, tn, ns), g.view(ba, (hv // hk, hk, tn, ns), False))
+        beta = g.view(g.op("UNARY", beta.shape[0], beta), (1, hv, tn, ns))
+        alpha = g.op("CONT", (hv, tn, ns), g.view(ba, (hv // hk, hk, tn, ns), False))
+    else:  # Qwen3.5
+        qkv = g.view(g.op("MUL_MAT", (conv_ch, T), w(b + "attn_qkv.weight"), cur), (conv_ch, tn, ns))
+        z = g.op("MUL_MAT", (m.d_inner, T), w(b + "attn_gate.weight"), cur)
+        beta = g.op("UNARY", (1, hv, tn, ns), g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_beta.weight"), cur),
+                                                     (1, hv, tn, ns)))
+        alpha = g.view(g.op("MUL_MAT", (hv, T), w(b + "ssm_alpha.weight"), cur), (hv, tn, ns))
     alpha = g.op("UNARY", (hv, tn, ns), g.op("ADD", (hv, tn, ns), alpha, w(b + "ssm_dt.bias")))
     gate = g.view(g.op("MUL", (hv, tn, ns), alpha, w(b + "ssm_a")), (1, hv, tn, ns))
     cache = g.cache(il)
@@ -735,6 +752,9 @@ def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T
     v = g.view(conv, (s_v, hv, tn, ns), contig=False)
     q = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), q))
     kk = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), kk))
+    if m.ssm_in and hk != hv:  # Qwen3-Next repeats the key heads up to the value heads itself
+        q = g.view(g.op("REPEAT", (s_k, hv // hk, hk, T), g.view(q, (s_k, 1, hk, T))), (s_k, hv, tn, ns))
+        kk = g.view(g.op("REPEAT", (s_k, hv // hk, hk, T), g.view(kk, (s_k, 1, hk, T))), (s_k, hv, tn, ns))
     out = g.op("GATED_DELTA_NET", (s_v * hv * tn * ns + s_v * s_v * hv * ns,), q, kk, v, gate, beta,
                g.view(state, (s_v, s_v, hv, ns)))
     g.expand(g.set_rows(cache, g.view(out, (s_v, s_v, hv, ns), contig=False), None))
@@ -1004,13 +1024,13 @@ def compute_bytes(summary: ModelSummary, options: RunOptions) -> int:
 
     Exact (to the byte, against ``llama_get_memory_breakdown``) for the architectures llama.cpp
     builds as llama (dense and Mixtral-style), qwen2moe, qwen3moe, deepseek2 (MLA, with or without
-    q_lora), gpt-oss and qwen35moe (gated delta nets through llama.cpp's fused op), at any context,
+    q_lora), gpt-oss, qwen35moe and qwen3next (gated delta nets through llama.cpp's fused op), at any context,
     ubatch, sequence count, KV type and flash-attention setting. Other architectures are built from
     the same blocks (GQA or MLA attention with optional biases and Q/K norms, dense or MoE FFN with
     shared experts): right where they are made of those blocks, off by what they add where they are
-    not (extra norms, gates, vision inputs, fused ops); other recurrent mixers (Mamba, RWKV, Qwen3-
-    Next's and Kimi's delta nets) are not modelled and count for nothing, which underestimates those
-    hybrids where their layers set the peak.
+    not (extra norms, gates, vision inputs, fused ops); other recurrent mixers (Mamba, RWKV, Kimi's
+    delta nets) are not modelled and count for nothing, which underestimates those hybrids where
+    their layers set the peak.
     """
     return _compute_cpu(_model(summary), graph_key(summary, options))
 

@@ -25,7 +25,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe")
+ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe",
+                          "qwen3next")
 
 # qtype -> the llama_ftype constant of llama-cpp-python that produces it
 QUANT_FTYPES: dict[str, str] = {
@@ -138,6 +139,12 @@ SPECS: dict[str, Spec] = {
              expert_ff=256, n_expert_shared=1, shared_ff=256, qk_norm=True, rope_dim=16, rope_sections=(3, 3, 2, 0),
              ssm_state=32, ssm_groups=4, ssm_v_heads=8, ssm_conv=4, attention_interval=4, tokenizer_pre="qwen2",
              rope_freq_base=10000000.0),
+        # Qwen3-Next-80B-A3B: Qwen3.5's layout, but each delta-net layer projects q/k/v/z with one
+        # matrix (ssm_in) and beta/alpha with another, and repeats key heads up to the value heads
+        Spec("qwen3next", "qwen3next", n_head=4, n_head_kv=2, n_ff=256, n_expert=6, n_expert_used=2,
+             expert_ff=256, n_expert_shared=1, shared_ff=256, qk_norm=True, rope_dim=16, ssm_state=32,
+             ssm_groups=4, ssm_v_heads=8, ssm_conv=4, attention_interval=4, tokenizer_pre="qwen2",
+             rope_freq_base=10000000.0),
     )
 }
 assert tuple(SPECS) == ARCHS
@@ -237,7 +244,7 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
                     (b + "nextn.hnorm.weight", (e,))]
         out.append((b + "attn_norm.weight", (e,)))
         out += _delta_net(spec, b) if il in recurrent else _attention(spec, b)
-        if spec.arch in ("gpt-oss", "qwen35moe"):
+        if spec.arch in ("gpt-oss", "qwen35moe", "qwen3next"):
             out.append((b + "post_attention_norm.weight", (e,)))
         else:
             out.append((b + "ffn_norm.weight", (e,)))
@@ -256,7 +263,7 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
                     (b + "ffn_down_exps.bias", (e, n)), (b + "ffn_up_exps.bias", (ff, n))]
         if spec.shared_ff:
             sff = spec.shared_ff
-            if spec.arch in ("qwen2moe", "qwen35moe"):
+            if spec.arch in ("qwen2moe", "qwen35moe", "qwen3next"):
                 out.append((b + "ffn_gate_inp_shexp.weight", (e,)))
             out += [(b + "ffn_gate_shexp.weight", (e, sff)), (b + "ffn_down_shexp.weight", (sff, e)),
                     (b + "ffn_up_shexp.weight", (e, sff))]
@@ -278,7 +285,7 @@ def _attention(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
             (b + "attn_output.weight", (spec.n_head * spec.v_head_dim, e)),
         ]
     q, kv = spec.n_head * spec.head_dim, spec.n_head_kv * spec.head_dim
-    gate = q if spec.arch == "qwen35moe" else 0  # the output gate rides along with the queries
+    gate = q if spec.arch in ("qwen35moe", "qwen3next") else 0  # the output gate rides along with the queries
     out = [(b + "attn_q.weight", (e, q + gate)), (b + "attn_k.weight", (e, kv)), (b + "attn_v.weight", (e, kv)),
            (b + "attn_output.weight", (q, e))]
     if spec.qkv_bias:
@@ -291,10 +298,16 @@ def _attention(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
 
 
 def _delta_net(spec: Spec, b: str) -> list[tuple[str, tuple[int, ...]]]:
-    """A gated delta net layer as llama.cpp's qwen35moe loader expects it."""
+    """A gated delta net layer as llama.cpp's qwen35moe (or qwen3next) loader expects it."""
     e, v_heads = spec.n_embd, spec.ssm_v_heads
     key_dim, value_dim = spec.ssm_state * spec.ssm_groups, spec.ssm_state * v_heads
     conv_dim = 2 * key_dim + value_dim
+    if spec.arch == "qwen3next":
+        return [
+            (b + "ssm_in.weight", (e, conv_dim + value_dim)), (b + "ssm_conv1d.weight", (spec.ssm_conv, conv_dim)),
+            (b + "ssm_dt.bias", (v_heads,)), (b + "ssm_a", (v_heads,)), (b + "ssm_ba.weight", (e, 2 * v_heads)),
+            (b + "ssm_norm.weight", (spec.ssm_state,)), (b + "ssm_out.weight", (value_dim, e)),
+        ]
     return [
         (b + "attn_qkv.weight", (e, conv_dim)), (b + "attn_gate.weight", (e, value_dim)),
         (b + "ssm_conv1d.weight", (spec.ssm_conv, conv_dim)), (b + "ssm_dt.bias", (v_heads,)),
@@ -418,11 +431,12 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
         w.add_rope_dimension_count(spec.rope_dim)
     elif spec.arch == "llama":
         w.add_rope_dimension_count(spec.rope_dim or spec.head_dim)
-    elif spec.arch in ("qwen3moe", "gpt-oss", "qwen35moe"):
+    elif spec.arch in ("qwen3moe", "gpt-oss", "qwen35moe", "qwen3next"):
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
-    if spec.rope_sections:
+    if spec.attention_interval:  # Qwen3.5 / Qwen3-Next: RoPE on part of the head
         w.add_rope_dimension_count(spec.rope_dim)
+    if spec.rope_sections:
         w.add_rope_dimension_sections(list(spec.rope_sections))
     if spec.attention_interval:
         w.add_full_attention_interval(spec.attention_interval)
@@ -436,7 +450,7 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
         w.add_expert_used_count(spec.n_expert_used)
         if spec.arch != "llama":  # Mixtral states the expert width as feed_forward_length
             w.add_expert_feed_forward_length(spec.expert_ff)
-    if spec.arch in ("qwen2moe", "qwen35moe"):
+    if spec.arch in ("qwen2moe", "qwen35moe", "qwen3next"):
         w.add_expert_shared_feed_forward_length(spec.shared_ff)
     if spec.arch == "deepseek2":
         w.add_leading_dense_block_count(spec.leading_dense)

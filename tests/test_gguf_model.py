@@ -56,13 +56,13 @@ def hand_count(arch: str) -> tuple[int, int]:
         experts = 3 * e * s.expert_ff * s.n_expert
         layer = 2 * e + attention + e * s.n_expert + experts
         return outside + L * layer, L * experts
-    if arch == "qwen35moe":
+    if arch in ("qwen35moe", "qwen3next"):
         q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
         attention = e * 2 * q + 2 * e * kv + q * e + 2 * s.head_dim  # queries and their gate, q/k norms
         hv, key_dim, value_dim = s.ssm_v_heads, s.ssm_state * s.ssm_groups, s.ssm_state * s.ssm_v_heads
         conv = 2 * key_dim + value_dim
-        delta_net = (e * conv + e * value_dim  # attn_qkv, attn_gate
-                     + s.ssm_conv * conv + 2 * hv + 2 * e * hv  # conv1d, dt bias, A, beta, alpha
+        delta_net = (e * conv + e * value_dim  # attn_qkv and attn_gate (qwen3next: both in ssm_in)
+                     + s.ssm_conv * conv + 2 * hv + 2 * e * hv  # conv1d, dt bias, A, beta and alpha
                      + s.ssm_state + value_dim * e)  # ssm_norm, ssm_out
         experts = 3 * e * s.expert_ff * s.n_expert
         ffn = e * s.n_expert + experts + e + 3 * e * s.shared_ff  # router, experts, shared gate and FFN
@@ -101,6 +101,7 @@ HAND_TOTALS = {
     "deepseek2": (6_005_004, 4_825_356),
     "gpt-oss": (4_216_096, 2_637_088),
     "qwen35moe": (6_843_920, 3_698_192),
+    "qwen3next": (6_843_920, 3_698_192),  # the same parameters, packed into other matrices
 }
 
 

@@ -132,12 +132,21 @@ QWEN35_35B = replace(SPECS["qwen35moe"], n_layer=40, n_embd=2048, n_head=16, n_h
                      rope_dim=64, rope_sections=(11, 11, 10, 0), n_vocab=248320, context_length=262144)
 
 
-def test_a_real_sized_hybrid_is_exact_on_the_cpu(tmp_path):
-    """At full size the compute buffer's peak is set by the output rows and the 248k-wide logits,
-    which Qwen3.5 selects after the output norm; at test size by the delta-net layers. Both exact."""
-    path = write_header_only(QWEN35_35B, tmp_path / "qwen35-35b-a3b-shape.gguf")
+# Qwen3-Next-80B-A3B (config.json): 36 delta-net and 12 attention layers, 512 experts, 10 used
+QWEN3_NEXT_80B = replace(SPECS["qwen3next"], n_layer=48, n_embd=2048, n_head=16, n_head_kv=2, head_dim=256,
+                         n_expert=512, n_expert_used=10, expert_ff=512, shared_ff=512, ssm_state=128, ssm_groups=16,
+                         ssm_v_heads=32, rope_dim=64, n_vocab=151936, context_length=262144)
+
+
+@pytest.mark.parametrize(("spec", "params", "n_recurrent"), [(QWEN35_35B, 34.7e9, 30), (QWEN3_NEXT_80B, 79.7e9, 36)],
+                         ids=["qwen3.5-35b-a3b", "qwen3-next-80b-a3b"])
+def test_a_real_sized_hybrid_is_exact_on_the_cpu(tmp_path, spec, params, n_recurrent):
+    """At full size the compute buffer's peak is set by the output rows and the vocabulary-wide
+    logits, which these models select after the output norm; at test size by the delta-net layers.
+    Both exact."""
+    path = write_header_only(spec, tmp_path / f"{spec.arch}-shape.gguf")
     summary = read_summary(path)
-    assert 34e9 < summary.params_total < 35e9 and len(summary.recurrent_layers) == 30
+    assert abs(summary.params_total - params) < 0.01 * params and len(summary.recurrent_layers) == n_recurrent
     assert memory.compute_is_exact(summary)
     for opt in [(4096, 512, True, "f16", 1), (32768, 2048, True, "q8_0", 1), (8192, 256, False, "f16", 2)]:
         o = options(*opt)
