@@ -340,6 +340,9 @@ class Engine:
         self._watchdog: rpc.Watchdog | None = None
         self._arrays: native.NativeArrays | None = None
         self._cached: list[int] | None = []  # tokens in sequence 0's KV cache (None: unknown)
+        # recurrent layers cannot be rolled back: their state after the last prompt, and its tokens
+        self._recurrent = False
+        self._checkpoint: tuple[list[int], bytearray] | None = None
         self._template: str | None = None
         self._piece = ctypes.create_string_buffer(256)
 
@@ -414,6 +417,7 @@ class Engine:
             rpc.keep_alive(self.workers)
             self._watchdog = rpc.Watchdog(self.workers, worker_timeout)
         self._mem = lc.llama_get_memory(self.ctx)
+        self._recurrent = bool(lc.llama_model_is_recurrent(self.model) or lc.llama_model_is_hybrid(self.model))
         self.n_ctx = lc.llama_n_ctx(self.ctx)
         self.n_seq_max = lc.llama_n_seq_max(self.ctx)
         self.n_ctx_seq = lc.llama_n_ctx_seq(self.ctx)  # n_ctx / n_seq_max: each sequence's own stream
@@ -563,6 +567,7 @@ class Engine:
         """Forget the KV cache (the next prompt is processed from scratch)."""
         native.llama().llama_memory_clear(self._mem, False)  # the cells, not the bytes: no need to zero them
         self._cached = []
+        self._checkpoint = None
 
     def generate(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[Chunk]:
         """Stream one completion in sequence 0, reusing the KV cache for a prompt that starts like
@@ -591,6 +596,8 @@ class Engine:
                 self._check(self._decode(self.ctx, self._batch_one(arr, len(part))))
             cached = list(tokens)  # what sequence 0 holds now
             self._cached = cached
+            if self._recurrent and new:
+                self._save_checkpoint(cached)
             stream = _Stream(self, params)
             n_prompt = len(tokens)
             one = (lc.llama_token * 1)()
@@ -630,9 +637,43 @@ class Engine:
         if cached == []:
             return 0  # already empty
         if cached is None or n == 0 or not lc.llama_memory_seq_rm(self._mem, 0, n, -1):
-            lc.llama_memory_clear(self._mem, False)
-            n = 0
+            n = self._restore_checkpoint(cached, n) if cached else 0
+            if n == 0:
+                lc.llama_memory_clear(self._mem, False)
         self._cached = tokens[:n]
+        return n
+
+    # A recurrent layer keeps one state, not one entry per token, so llama.cpp cannot remove the end
+    # of a sequence: a chat whose next prompt differs from the cache anywhere after the last prompt
+    # (a re-tokenized answer, a template that rewrites earlier turns) would be processed again from
+    # the first token, every turn. As llama-server does, the engine keeps a checkpoint: the
+    # recurrent part of sequence 0's state at the end of the last prompt (the attention layers'
+    # KV cache can be cut anywhere).
+    _PARTIAL = 1  # LLAMA_STATE_SEQ_FLAGS_PARTIAL_ONLY: only the recurrent (and SWA) state
+
+    def _save_checkpoint(self, tokens: list[int]) -> None:
+        lc = native.llama()
+        self._checkpoint = None  # the old one goes first: the state can be tens of MB
+        size = lc.llama_state_seq_get_size_ext(self.ctx, 0, self._PARTIAL)
+        data = bytearray(size)
+        if size and lc.llama_state_seq_get_data_ext(self.ctx, (ctypes.c_uint8 * size).from_buffer(data), size, 0,
+                                                     self._PARTIAL) == size:
+            self._checkpoint = (list(tokens), data)
+
+    def _restore_checkpoint(self, cached: list[int], common: int) -> int:
+        """Roll sequence 0 back to the checkpoint if the new prompt still starts with it; returns
+        the number of tokens kept (0: nothing could be kept)."""
+        ckpt = self._checkpoint
+        if ckpt is None or not 0 < len(ckpt[0]) <= common or cached[: len(ckpt[0])] != ckpt[0]:
+            return 0
+        lc = native.llama()
+        data = ckpt[1]
+        if lc.llama_state_seq_set_data_ext(self.ctx, (ctypes.c_uint8 * len(data)).from_buffer(data), len(data), 0,
+                                           self._PARTIAL) != len(data):
+            return 0
+        n = len(ckpt[0])
+        if not lc.llama_memory_seq_rm(self._mem, 0, n, -1):
+            return 0
         return n
 
     def _check(self, rc: int) -> None:

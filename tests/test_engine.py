@@ -195,6 +195,25 @@ def test_a_longer_prompt_reuses_the_cache_and_gives_the_same_text(qwen):
     assert text_of(warm) == text_of(cold)
 
 
+@pytest.mark.parametrize("arch", ["qwen35moe", "qwen3next"])
+def test_a_hybrid_rolls_back_to_its_checkpoint_and_gives_the_same_text(models, arch):
+    """Recurrent layers cannot drop the tokens generated after a prompt; the engine restores their
+    state as it was at the end of that prompt, and the text is what a fresh run gives."""
+    params = SamplingParams(seed=11, max_tokens=8, ignore_eos=True)
+    with Engine.load(models[f"{arch}-q8_0"], cpu_plan(n_ctx=512)) as engine:
+        first = engine.tokenize(PROMPT)
+        list(engine.generate(first, params))  # the cache now holds the prompt and 7 answer tokens
+        follow = first + engine.tokenize(" And then?", add_special=False)  # not the answer: roll back
+        warm = list(engine.generate(follow, params))
+        assert warm[-1].cached_tokens == len(first)
+        again = list(engine.generate(follow + engine.tokenize(" Why?", add_special=False), params))
+        assert again[-1].cached_tokens == len(follow)  # the checkpoint moved to the last prompt
+        engine.reset()
+        cold = list(engine.generate(follow, params))
+        assert cold[-1].cached_tokens == 0
+    assert text_of(warm) == text_of(cold)
+
+
 def test_sampling_params_are_checked():
     with pytest.raises(UsageError, match=r"top_p must be in \(0, 1\], got 1.5"):
         SamplingParams(top_p=1.5).check()
