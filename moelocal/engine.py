@@ -9,10 +9,13 @@ back what llama.cpp says it allocated. Generation yields ``Chunk`` records: chat
 from __future__ import annotations
 
 import codecs
+import contextlib
 import ctypes
 import json
 import os
 import random
+import signal
+import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
@@ -343,6 +346,7 @@ class Engine:
         # recurrent layers cannot be rolled back: their state after the last prompt, and its tokens
         self._recurrent = False
         self._checkpoint: tuple[list[int], bytearray] | None = None
+        self._interrupted = False  # Ctrl-C during a prompt (_interruptible)
         self._template: str | None = None
         self._piece = ctypes.create_string_buffer(256)
 
@@ -590,10 +594,11 @@ class Engine:
             t0 = time.perf_counter()
             new = tokens[reuse:]
             self._cached = None  # unknown until the decode below has finished
-            for i in range(0, len(new), self.n_batch):
-                part = new[i : i + self.n_batch]
-                arr = (lc.llama_token * len(part))(*part)
-                self._check(self._decode(self.ctx, self._batch_one(arr, len(part))))
+            with self._interruptible():
+                for i in range(0, len(new), self.n_batch):
+                    part = new[i : i + self.n_batch]
+                    arr = (lc.llama_token * len(part))(*part)
+                    self._check(self._decode(self.ctx, self._batch_one(arr, len(part))))
             cached = list(tokens)  # what sequence 0 holds now
             self._cached = cached
             if self._recurrent and new:
@@ -676,7 +681,41 @@ class Engine:
             return 0
         return n
 
+    @contextlib.contextmanager
+    def _interruptible(self) -> Iterator[None]:
+        """Let Ctrl-C stop a long prompt in the middle of llama_decode, not after it.
+
+        Python runs its SIGINT handler only between bytecodes, so a KeyboardInterrupt waits until
+        llama_decode returns: a 2,048-token chunk on a CPU can take a minute. For the prompt
+        (not per generated token: the callback runs once per graph node) a handler that only sets
+        a flag is installed, and llama.cpp's abort callback, which its CPU backend calls between
+        nodes on this thread, returns it: llama_decode stops and returns 2, and _check raises
+        KeyboardInterrupt. Main thread only (signal handlers can only be set there)."""
+        if threading.current_thread() is not threading.main_thread():
+            yield
+            return
+        lc = native.llama()
+        self._interrupted = False
+
+        def on_sigint(_signum: int, _frame: object) -> None:
+            self._interrupted = True
+
+        abort = lc.ggml_abort_callback(lambda _data: self._interrupted)  # alive until the finally below
+        previous = signal.signal(signal.SIGINT, on_sigint)
+        lc.llama_set_abort_callback(self.ctx, abort, None)
+        try:
+            yield
+        finally:
+            lc.llama_set_abort_callback(self.ctx, ctypes.cast(None, lc.ggml_abort_callback), None)
+            signal.signal(signal.SIGINT, previous)
+        if self._interrupted:  # came between two llama_decode calls, or after the last
+            self._cached = None
+            raise KeyboardInterrupt
+
     def _check(self, rc: int) -> None:
+        if rc == 2 and self._interrupted:  # aborted by Ctrl-C (_interruptible); some ubatches are in
+            self._cached = None
+            raise KeyboardInterrupt
         if rc != 0:
             self._cached = None
             why = native.last_error() or f"llama_decode returned {rc}"

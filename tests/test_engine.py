@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import os
+import signal
 import subprocess
 import sys
 import textwrap
+import threading
 
 import pytest
 
@@ -212,6 +215,33 @@ def test_a_hybrid_rolls_back_to_its_checkpoint_and_gives_the_same_text(models, a
         cold = list(engine.generate(follow, params))
         assert cold[-1].cached_tokens == 0
     assert text_of(warm) == text_of(cold)
+
+
+def test_ctrl_c_stops_a_long_prompt_inside_llama_decode(models):
+    """Ctrl-C during a prompt aborts the llama_decode call under way (llama.cpp's abort callback)
+    instead of waiting for it to finish, and the engine goes on working afterwards."""
+    with Engine.load(models["qwen3moe-q8_0"], cpu_plan(n_ctx=8192)) as engine:
+        decode = engine._decode
+        codes: list[int] = []
+
+        def recording(ctx, batch):
+            if not codes:  # Ctrl-C 50 ms into the first 2,048-token chunk (which takes far longer)
+                threading.Timer(0.05, os.kill, (os.getpid(), signal.SIGINT)).start()
+            codes.append(decode(ctx, batch))
+            return codes[-1]
+
+        engine._decode = recording
+        tokens = engine.tokenize(PROMPT * 300)
+        assert len(tokens) > 2 * engine.n_batch
+        with pytest.raises(KeyboardInterrupt):
+            list(engine.generate(tokens, SamplingParams(max_tokens=2)))
+        assert codes == [2]  # llama_decode returned "aborted" from the first chunk
+        engine._decode = decode
+        params = SamplingParams(temperature=0, max_tokens=6, ignore_eos=True)
+        after = text_of(engine.generate(PROMPT, params))
+        engine.reset()
+        assert after == text_of(engine.generate(PROMPT, params))
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
 
 
 def test_sampling_params_are_checked():
