@@ -219,6 +219,30 @@ def offloads(summary) -> list[Placement]:
     return out
 
 
+GPT_OSS_20B = replace(SPECS["gpt-oss"], n_layer=24, n_embd=2880, n_head=64, n_head_kv=8, head_dim=64, n_expert=32,
+                      n_expert_used=4, expert_ff=2880, n_ff=2880, sliding_window=128, n_vocab=201088,
+                      context_length=131072)
+
+
+@pytest.mark.parametrize("spec", [GPT_OSS_20B, QWEN35_35B], ids=["gpt-oss-20b", "qwen3.5-35b-a3b"])
+def test_real_sized_offload_is_exact_per_device(worker, tmp_path, spec):
+    """Header-only shapes of real models, offloaded to the loopback worker: three sequences,
+    all layers / experts of 12 layers in RAM / 13 layers on the device."""
+    path = write_header_only(spec, tmp_path / f"{spec.arch}-shape.gguf")
+    summary = read_summary(path)
+    n = summary.n_layer
+    o = options(4096, 512, True, "f16", 3)
+    for placement in (Placement(n_gpu_layers=n + 1, devices=("rpc0",)),
+                      Placement(n_gpu_layers=n + 1, n_cpu_moe=12, tensor_overrides=layout.n_cpu_moe_overrides(12),
+                                devices=("rpc0",)),
+                      Placement(n_gpu_layers=13, devices=("rpc0",))):
+        real = measure(path, placement, o, named=worker)
+        est = memory.estimate(summary, placement, o, gpu_backend="rpc")
+        for dev in (CPU, "rpc0"):
+            assert (est[dev].weights, est[dev].kv, est[dev].compute) == \
+                (real[dev].weights, real[dev].kv, real[dev].compute), (placement, dev)
+
+
 @pytest.mark.parametrize("arch", ARCHS)
 def test_estimate_equals_llama_cpp_per_device_when_offloading(models, worker, arch):
     path = models[f"{arch}-q8_0"]
