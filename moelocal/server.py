@@ -25,7 +25,7 @@ import threading
 import time
 import uuid
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
 
@@ -427,11 +427,14 @@ def create_app(
     *,
     parallel: int = 1,
     defaults: SamplingParams | None = None,
+    cors_origins: Sequence[str] = (),
 ) -> FastAPI:
     """The server's ASGI app around ``engine`` (or a callable that loads one at startup and is then
     closed at shutdown). ``model_id`` is the one model it lists and answers to; with ``api_key``,
     every /v1 request needs ``Authorization: Bearer <api_key>``. ``defaults`` are the sampling
-    settings a request does not give (the engine's own by default)."""
+    settings a request does not give (the engine's own by default). ``cors_origins``: the web
+    pages (``http://localhost:3000``, or ``*`` for any) whose scripts may call the API from a
+    browser; none by default, so that no web site a user visits can use their model."""
     state: dict[str, Any] = {}
     base = defaults or SamplingParams()
 
@@ -451,6 +454,11 @@ def create_app(
                 eng.close()
 
     app = FastAPI(title="moelocal", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
+    if cors_origins:
+        from starlette.middleware.cors import CORSMiddleware
+
+        app.add_middleware(CORSMiddleware, allow_origins=list(cors_origins), allow_methods=["GET", "POST"],
+                           allow_headers=["Authorization", "Content-Type"])
 
     @app.exception_handler(ApiError)
     async def _api_error(_request: Request, exc: ApiError) -> JSONResponse:

@@ -267,6 +267,28 @@ def test_api_key_is_required_on_every_v1_request(model):
         assert r.usage.completion_tokens <= 2
 
 
+def test_browsers_are_let_in_only_from_the_origins_given(model, url):
+    """CORS: without --cors-origin no web page may call the API from a browser; with it, that
+    origin's preflight and requests are answered with its Access-Control-Allow-Origin."""
+    import httpx
+
+    preflight = {"Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "authorization,content-type"}
+    body = {"model": "qwen3moe-q8_0", "prompt": "Hi", "max_tokens": 1}
+    r = httpx.post(url + "/v1/completions", json=body, headers={"Origin": "http://localhost:3000"}, timeout=30)
+    assert r.status_code == 200 and "access-control-allow-origin" not in r.headers  # the default: none
+    with serving(model, ctx=256, api_key="k", cors_origins=("http://localhost:3000",)) as base:
+        ok = httpx.options(base + "/v1/completions", headers={"Origin": "http://localhost:3000", **preflight})
+        assert ok.status_code == 200  # a preflight needs no key
+        assert ok.headers["access-control-allow-origin"] == "http://localhost:3000"
+        assert "authorization" in ok.headers["access-control-allow-headers"].lower()
+        other = httpx.options(base + "/v1/completions", headers={"Origin": "https://evil.example", **preflight})
+        assert other.status_code == 400 and "access-control-allow-origin" not in other.headers
+        r = httpx.post(base + "/v1/completions", json=body, timeout=30,
+                       headers={"Origin": "http://localhost:3000", "Authorization": "Bearer k"})
+        assert r.status_code == 200 and r.headers["access-control-allow-origin"] == "http://localhost:3000"
+
+
 # ---- clients that leave -------------------------------------------------------------------------
 
 

@@ -52,6 +52,9 @@ def serve(
                                           "parallel sequences; each gets --ctx tokens of KV cache, so the plan "
                                           "changes. 1: one at a time, on the plan `chat` uses, reusing the cache "
                                           "of a conversation's earlier turns.")] = 1,
+    cors_origin: Annotated[list[str] | None, typer.Option(
+        "--cors-origin", help="Let scripts on this web origin call the API from a browser "
+        "(http://localhost:3000; repeat for several, * for any). Default: none.")] = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     plan: PlanOpt = "auto",
@@ -104,7 +107,7 @@ def serve(
                                kv_type=kv_type, flash_attn=flash_attn,
                                workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
         engine = load_engine(path, summary, flags, ctx=ctx, threads=threads, n_seq=parallel)
-        app = create_app(engine, model_id, api_key, parallel=parallel)
+        app = create_app(engine, model_id, api_key, parallel=parallel, cors_origins=tuple(cors_origin or ()))
         where = engine.expert_location(summary.n_layer) if summary.is_moe else "dense model"
         bare = host.strip("[]")
         shown = f"[{bare}]" if ":" in bare else bare
