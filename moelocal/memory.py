@@ -18,8 +18,8 @@ llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-ba
   ubatch of ``min(n_ctx, n_ubatch)`` tokens against the full cache) with ggml-alloc. We rebuild
   that graph's tensors (:func:`_build_graph`) and run the same allocator (:class:`_Allocator`).
   For llama (dense and Mixtral-style MoE), qwen2moe, qwen3moe, deepseek2 (MLA), gpt-oss,
-  qwen35moe and qwen3next (hybrids of gated delta nets and gated attention) this matches llama.cpp's
-  CPU compute buffer to the byte, at any context, ubatch, sequence count, KV type and
+  glm4moe, qwen35moe and qwen3next (hybrids of gated delta nets and gated attention) this matches
+  llama.cpp's CPU compute buffer to the byte, at any context, ubatch, sequence count, KV type and
   flash-attention setting; see :func:`compute_bytes` for what is approximate.
 - **overhead**: a fixed allowance per GPU backend for what llama.cpp never reports (driver
   context, library workspaces), see :data:`BACKEND_OVERHEAD`.
@@ -185,11 +185,12 @@ class _Model:
         return self._hash
 
 
-_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe", "qwen3next"}
+_EXACT_ARCHS = {"llama", "qwen2", "qwen3", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe", "qwen3next",
+                "glm4moe"}
 # Architectures whose recurrent layers are Qwen3.5's gated delta nets (models/qwen35*.cpp)
 _DELTA_NET_ARCHS = {"qwen35", "qwen35moe", "qwen3next"}
 # Architectures whose norm before the FFN is stored as post_attention_norm (not ffn_norm)
-_POST_ATTN_NORM = {"gpt-oss", "qwen35", "qwen35moe", "qwen3next"}
+_POST_ATTN_NORM = {"gpt-oss", "qwen35", "qwen35moe", "qwen3next", "glm4moe"}
 _NORM_W = {"llama": True, "qwen3moe": True, "qwen3vlmoe": True, "qwen35moe": True, "qwen3next": True,
            "qwen2moe": False, "gpt-oss": False}
 
@@ -249,6 +250,8 @@ def _build_model(summary: ModelSummary) -> _Model:
     gating = {2: "sigmoid", 3: "softmax_weight"}.get(gating_func, "softmax")
     if arch == "gpt-oss":
         gating = "softmax_weight"
+    elif arch == "glm4moe" and not gating_func:  # its loader's default (models/glm4-moe.cpp)
+        gating = "sigmoid"
     norm_w = _NORM_W.get(arch, bool(summary.meta("expert_weights_norm", False)))
     w_scale = float(summary.meta("expert_weights_scale", 0.0) or 0.0)
     rope_sections = summary.meta("rope.dimension_sections")
@@ -1024,7 +1027,8 @@ def compute_bytes(summary: ModelSummary, options: RunOptions) -> int:
 
     Exact (to the byte, against ``llama_get_memory_breakdown``) for the architectures llama.cpp
     builds as llama (dense and Mixtral-style), qwen2moe, qwen3moe, deepseek2 (MLA, with or without
-    q_lora), gpt-oss, qwen35moe and qwen3next (gated delta nets through llama.cpp's fused op), at any context,
+    q_lora), gpt-oss, glm4moe, qwen35moe and qwen3next (gated delta nets through llama.cpp's fused
+    op), at any context,
     ubatch, sequence count, KV type and flash-attention setting. Other architectures are built from
     the same blocks (GQA or MLA attention with optional biases and Q/K norms, dense or MoE FFN with
     shared experts): right where they are made of those blocks, off by what they add where they are

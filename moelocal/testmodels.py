@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe",
-                          "qwen3next")
+                          "qwen3next", "glm4moe")
 
 # qtype -> the llama_ftype constant of llama-cpp-python that produces it
 QUANT_FTYPES: dict[str, str] = {
@@ -102,7 +102,7 @@ class Spec:
 
     @property
     def moe_layers(self) -> tuple[int, ...]:
-        return tuple(range(self.leading_dense, self.n_layer)) if self.is_moe else ()
+        return tuple(range(self.leading_dense, self.n_layer + self.nextn)) if self.is_moe else ()  # MTP too
 
     @property
     def recurrent_layers(self) -> tuple[int, ...]:
@@ -145,6 +145,11 @@ SPECS: dict[str, Spec] = {
              expert_ff=256, n_expert_shared=1, shared_ff=256, qk_norm=True, rope_dim=16, ssm_state=32,
              ssm_groups=4, ssm_v_heads=8, ssm_conv=4, attention_interval=4, tokenizer_pre="qwen2",
              rope_freq_base=10000000.0),
+        # GLM-4.5(-Air): q/k/v biases, RoPE on half the head, a leading dense layer, sigmoid routing
+        # with a selection bias, one shared expert, an MTP layer llama.cpp leaves out
+        Spec("glm4moe", "glm4moe", n_head=4, n_head_kv=2, n_ff=512, n_expert=4, n_expert_used=2, expert_ff=256,
+             n_expert_shared=1, shared_ff=256, leading_dense=1, qkv_bias=True, rope_dim=32, expert_probs_bias=True,
+             nextn=1, tokenizer_pre="qwen2", rope_freq_base=1000000.0),
     )
 }
 assert tuple(SPECS) == ARCHS
@@ -244,7 +249,7 @@ def tensor_shapes(spec: Spec) -> list[tuple[str, tuple[int, ...]]]:
                     (b + "nextn.hnorm.weight", (e,))]
         out.append((b + "attn_norm.weight", (e,)))
         out += _delta_net(spec, b) if il in recurrent else _attention(spec, b)
-        if spec.arch in ("gpt-oss", "qwen35moe", "qwen3next"):
+        if spec.arch in ("gpt-oss", "qwen35moe", "qwen3next", "glm4moe"):
             out.append((b + "post_attention_norm.weight", (e,)))
         else:
             out.append((b + "ffn_norm.weight", (e,)))
@@ -431,10 +436,10 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
         w.add_rope_dimension_count(spec.rope_dim)
     elif spec.arch == "llama":
         w.add_rope_dimension_count(spec.rope_dim or spec.head_dim)
-    elif spec.arch in ("qwen3moe", "gpt-oss", "qwen35moe", "qwen3next"):
+    elif spec.arch in ("qwen3moe", "gpt-oss", "qwen35moe", "qwen3next", "glm4moe"):
         w.add_key_length(spec.head_dim)
         w.add_value_length(spec.head_dim)
-    if spec.attention_interval:  # Qwen3.5 / Qwen3-Next: RoPE on part of the head
+    if spec.attention_interval or spec.arch == "glm4moe":  # RoPE on part of the head
         w.add_rope_dimension_count(spec.rope_dim)
     if spec.rope_sections:
         w.add_rope_dimension_sections(list(spec.rope_sections))
@@ -452,7 +457,7 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
             w.add_expert_feed_forward_length(spec.expert_ff)
     if spec.arch in ("qwen2moe", "qwen35moe", "qwen3next"):
         w.add_expert_shared_feed_forward_length(spec.shared_ff)
-    if spec.arch == "deepseek2":
+    if spec.arch in ("deepseek2", "glm4moe"):
         w.add_leading_dense_block_count(spec.leading_dense)
         w.add_expert_shared_count(spec.n_expert_shared)
         w.add_expert_weights_scale(2.5)

@@ -68,6 +68,15 @@ def hand_count(arch: str) -> tuple[int, int]:
         ffn = e * s.n_expert + experts + e + 3 * e * s.shared_ff  # router, experts, shared gate and FFN
         n_attn = L // s.attention_interval
         return outside + L * (2 * e + ffn) + n_attn * attention + (L - n_attn) * delta_net, L * experts
+    if arch == "glm4moe":  # an MTP layer after the trunk, counted: llama.cpp counts it too
+        q, kv = s.n_head * s.head_dim, s.n_head_kv * s.head_dim
+        attention = e * q + 2 * e * kv + q * e + (q + 2 * kv)  # with q/k/v biases
+        dense = 2 * e + attention + 3 * e * s.n_ff
+        experts = 3 * e * s.expert_ff * s.n_expert
+        moe = 2 * e + attention + e * s.n_expert + s.n_expert + experts + 3 * e * s.shared_ff  # + exp_probs_b
+        mtp = moe + 2 * e * e + 2 * e  # eh_proj, enorm, hnorm
+        n_moe = L - s.leading_dense
+        return outside + s.leading_dense * dense + n_moe * moe + mtp, (n_moe + 1) * experts
     if arch == "deepseek2":
         qk = s.qk_nope_dim + s.rope_dim
         attention = (
@@ -102,6 +111,7 @@ HAND_TOTALS = {
     "gpt-oss": (4_216_096, 2_637_088),
     "qwen35moe": (6_843_920, 3_698_192),
     "qwen3next": (6_843_920, 3_698_192),  # the same parameters, packed into other matrices
+    "glm4moe": (5_711_632, 4_138_768),
 }
 
 
@@ -147,9 +157,11 @@ def test_hyperparameters(models, arch):
     summary = read_summary(models[f"{arch}-q4_k"])
     assert summary.architecture == s.arch
     assert summary.name == f"moelocal test {arch}"
-    assert (summary.n_layer, summary.n_embd, summary.n_vocab, summary.context_length) == (4, 256, 512, 4096)
-    assert summary.n_head == (s.n_head,) * 4
-    assert summary.n_head_kv == (s.n_head_kv,) * 4
+    # block_count: the 4 trunk layers and any MTP layer after them
+    assert (summary.n_layer, summary.n_embd, summary.n_vocab, summary.context_length) == (4 + s.nextn, 256, 512, 4096)
+    assert summary.mtp_layers == tuple(range(4, 4 + s.nextn))
+    assert summary.n_head == (s.n_head,) * (4 + s.nextn)
+    assert summary.n_head_kv == (s.n_head_kv,) * (4 + s.nextn)
     assert (summary.n_expert, summary.n_expert_used) == (s.n_expert, s.n_expert_used)
     assert summary.n_expert_shared == s.n_expert_shared
     assert summary.expert_ff == s.expert_ff
@@ -391,7 +403,7 @@ def test_inspect_json_prints_the_summary(models, capsys, arch):
         "architecture", "n_layer", "n_expert", "n_expert_used", "n_expert_shared",
         "params_total", "params_active", "file_size", "context_length",
     )} == {
-        "architecture": s.arch, "n_layer": 4, "n_expert": s.n_expert, "n_expert_used": s.n_expert_used,
+        "architecture": s.arch, "n_layer": 4 + s.nextn, "n_expert": s.n_expert, "n_expert_used": s.n_expert_used,
         "n_expert_shared": s.n_expert_shared, "params_total": total, "params_active": active,
         "file_size": path.stat().st_size, "context_length": 4096,
     }

@@ -138,12 +138,19 @@ QWEN3_NEXT_80B = replace(SPECS["qwen3next"], n_layer=48, n_embd=2048, n_head=16,
                          ssm_v_heads=32, rope_dim=64, n_vocab=151936, context_length=262144)
 
 
-@pytest.mark.parametrize(("spec", "params", "n_recurrent"), [(QWEN35_35B, 34.7e9, 30), (QWEN3_NEXT_80B, 79.7e9, 36)],
-                         ids=["qwen3.5-35b-a3b", "qwen3-next-80b-a3b"])
-def test_a_real_sized_hybrid_is_exact_on_the_cpu(tmp_path, spec, params, n_recurrent):
+# GLM-4.5-Air (config.json): 46 layers and an MTP layer llama.cpp leaves out, 128 experts
+GLM_45_AIR = replace(SPECS["glm4moe"], n_layer=46, nextn=1, n_embd=4096, n_head=96, n_head_kv=8, head_dim=128,
+                     n_ff=10944, n_expert=128, n_expert_used=8, expert_ff=1408, shared_ff=1408, rope_dim=64,
+                     n_vocab=151552, context_length=131072)
+
+
+@pytest.mark.parametrize(("spec", "params", "n_recurrent"),
+                         [(QWEN35_35B, 34.7e9, 30), (QWEN3_NEXT_80B, 79.7e9, 36), (GLM_45_AIR, 109.2e9, 0)],
+                         ids=["qwen3.5-35b-a3b", "qwen3-next-80b-a3b", "glm-4.5-air"])
+def test_real_sized_shapes_are_exact_on_the_cpu(tmp_path, spec, params, n_recurrent):
     """At full size the compute buffer's peak is set by the output rows and the vocabulary-wide
-    logits, which these models select after the output norm; at test size by the delta-net layers.
-    Both exact."""
+    logits, which the hybrids select after the output norm; at test size by the delta-net layers.
+    GLM-4.5-Air's MTP layer is in the file (109.2B parameters) but not in memory (106.9B)."""
     path = write_header_only(spec, tmp_path / f"{spec.arch}-shape.gguf")
     summary = read_summary(path)
     assert abs(summary.params_total - params) < 0.01 * params and len(summary.recurrent_layers) == n_recurrent

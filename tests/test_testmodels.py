@@ -60,7 +60,7 @@ def test_tensor_names_are_the_architectures_own(arch):
     model_arch = {v: k for k, v in MODEL_ARCH_NAMES.items()}[spec.arch]
     allowed = set()
     for t in MODEL_TENSORS[model_arch]:
-        for il in range(spec.n_layer):
+        for il in range(spec.n_layer + spec.nextn):
             allowed.add(TENSOR_NAMES[t].format(bid=il))
     names = [name for name, _ in testmodels.tensor_shapes(spec)]
     assert len(names) == len(set(names))
