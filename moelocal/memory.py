@@ -1028,13 +1028,12 @@ def compute_bytes(summary: ModelSummary, options: RunOptions) -> int:
     Exact (to the byte, against ``llama_get_memory_breakdown``) for the architectures llama.cpp
     builds as llama (dense and Mixtral-style), qwen2moe, qwen3moe, deepseek2 (MLA, with or without
     q_lora), gpt-oss, glm4moe, qwen35moe and qwen3next (gated delta nets through llama.cpp's fused
-    op), at any context,
-    ubatch, sequence count, KV type and flash-attention setting. Other architectures are built from
-    the same blocks (GQA or MLA attention with optional biases and Q/K norms, dense or MoE FFN with
-    shared experts): right where they are made of those blocks, off by what they add where they are
-    not (extra norms, gates, vision inputs, fused ops); other recurrent mixers (Mamba, RWKV, Kimi's
-    delta nets) are not modelled and count for nothing, which underestimates those hybrids where
-    their layers set the peak.
+    op), at any context, ubatch, sequence count, KV type and flash-attention setting. Other
+    architectures are built from the same blocks (GQA or MLA attention with optional biases and
+    Q/K norms, dense or MoE FFN with shared experts): right where they are made of those blocks,
+    off by what they add where they are not (extra norms, gates, vision inputs, fused ops); other
+    recurrent mixers (Mamba, RWKV, Kimi's delta nets) are not modelled and count for nothing, which
+    underestimates those hybrids where their layers set the peak.
     """
     return _compute_cpu(_model(summary), graph_key(summary, options))
 
