@@ -560,7 +560,7 @@ def summarize(headers: list[Header], files: list[str], file_size: int) -> ModelS
     head_dim_k = int(get("attention.key_length", n_embd // head0 if head0 else 0))
     head_dim_v = int(get("attention.value_length", head_dim_k))
 
-    window = int(get("attention.sliding_window", 0))
+    window = int(get("attention.sliding_window", _DEFAULT_WINDOW.get(arch, 0)))
     swa_layers = _swa_layers(arch, n_layer, window, get("attention.sliding_window_pattern", None))
 
     recurrent = _recurrent_layers(arch, n_layer, meta, n_head_kv)
@@ -633,10 +633,18 @@ def _first_int(value: Any) -> int:
     return int(value or 0)
 
 
+# Sliding (or chunked) windows llama.cpp assumes when a file does not give one: Llama 4 attends in
+# chunks of 8192 tokens on three layers of four (models/llama4.cpp), unless the file says 0
+_DEFAULT_WINDOW = {"llama4": 8192}
+_DEFAULT_PATTERN = {"llama4": 4}
+
+
 def _swa_layers(arch: str, n_layer: int, window: int, pattern: Any) -> tuple[bool, ...]:
     """Which layers use sliding-window attention, as llama.cpp decides for the architecture."""
     if not window:
         return (False,) * n_layer
+    if pattern is None:
+        pattern = _DEFAULT_PATTERN.get(arch)
     if isinstance(pattern, list):  # explicit per-layer booleans
         return tuple(bool(p) for p in pattern[:n_layer])
     if isinstance(pattern, int) and pattern > 0:

@@ -175,6 +175,8 @@ class _Model:
     n_group: int = 0
     n_v_heads: int = 0  # gated delta nets: value heads (ssm.time_step_rank)
     ssm_in: bool = False  # Qwen3-Next's fused q/k/v/z projection (ssm_in) instead of attn_qkv + attn_gate
+    no_rope_step: int = 0  # Llama 4: every n-th layer attends without RoPE (its queries scaled instead)
+    kq_norm: bool = False  # Llama 4: weightless RMS norm of Q and K after RoPE
     exact: bool = True  # the compute graph of this architecture is modelled node for node
 
     @functools.cached_property
@@ -250,7 +252,7 @@ def _build_model(summary: ModelSummary) -> _Model:
     gating = {2: "sigmoid", 3: "softmax_weight"}.get(gating_func, "softmax")
     if arch == "gpt-oss":
         gating = "softmax_weight"
-    elif arch == "glm4moe" and not gating_func:  # its loader's default (models/glm4-moe.cpp)
+    elif arch in ("glm4moe", "llama4") and not gating_func:  # their graphs' default (models/*.cpp)
         gating = "sigmoid"
     norm_w = _NORM_W.get(arch, bool(summary.meta("expert_weights_norm", False)))
     w_scale = float(summary.meta("expert_weights_scale", 0.0) or 0.0)
@@ -270,6 +272,10 @@ def _build_model(summary: ModelSummary) -> _Model:
         d_state=int(summary.meta("ssm.state_size", 0) or 0), n_group=int(summary.meta("ssm.group_count", 0) or 0),
         n_v_heads=int(summary.meta("ssm.time_step_rank", 0) or 0),
         ssm_in=any(t.name.endswith(".ssm_in.weight") for t in summary.tensors),
+        # models/llama4.cpp: NoPE every 4th layer with chunked attention, else only the last layer;
+        # the Q/K norm for all but the 128-expert model
+        no_rope_step=(4 if any(summary.swa_layers) else n_layer) if arch == "llama4" else 0,
+        kq_norm=arch == "llama4" and summary.n_expert != 128,
         exact=arch in _EXACT_ARCHS and (not recurrent or arch in _DELTA_NET_ARCHS),
     )
 
@@ -619,6 +625,7 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
             "v_rot": g.input((64, 64)) if quant and m.head_v % 64 == 0 else None,
         }
     out_ids = g.input((k.n_outputs,), _I32)
+    attn_scale = g.input((1, 1, T)) if m.no_rope_step else None  # build_inp_attn_scale
     # the recurrent state's inputs (build_inp_rs): which cached state each sequence of the ubatch reads
     rs_copy = g.input((max(1, k.n_stream),), _I32) if any(ly.recurrent for ly in m.layers) else None
 
@@ -642,7 +649,8 @@ def _build_graph(m: _Model, k: _GraphKey, weights: dict[str, tuple[str, int]] | 
             attn = _mla_attention(g, m, k, ly, il, cur, pos, caches["base"], cache_el)
         else:
             cache = caches["swa" if ly.swa and "swa" in caches else "base"]
-            attn = _attention(g, m, k, ly, il, cur, pos, cache, cache_el, iswa=bool(m.sliding_window))
+            attn = _attention(g, m, k, ly, il, cur, pos, cache, cache_el, iswa=bool(m.sliding_window),
+                              attn_scale=attn_scale)
         if il == m.n_layer - 1 and not m.out_rows_late:
             attn = g.op("GET_ROWS", (E, k.n_outputs), attn, out_ids)
             inp_sa = g.op("GET_ROWS", (E, k.n_outputs), inp_sa, out_ids)
@@ -796,7 +804,7 @@ def _hadamard(g: _Graph, x: _T, rot: _T) -> _T:
 
 
 def _attention(g: _Graph, m: _Model, k: _GraphKey, ly: _Layer, il: int, cur: _T, pos: _T, cache: dict,
-               cache_el: int, iswa: bool) -> _T:
+               cache_el: int, iswa: bool, attn_scale: _T | None = None) -> _T:
     """build_qkv + rope + build_attn (llama-graph.cpp) for a GQA layer with a K/V cache."""
     T, ns, fa = k.n_tokens, k.n_stream, k.flash_attn
     hk, hv, nh, nkv = m.head_k, m.head_v, ly.n_head, ly.n_head_kv
@@ -820,12 +828,19 @@ def _attention(g: _Graph, m: _Model, k: _GraphKey, ly: _Layer, il: int, cur: _T,
         v = g.op("MUL_MAT", (nkv * hv, T), w(b + "attn_v.weight"), cur)
         v = g.op("ADD", v.shape[0], v, w(b + "attn_v.bias")) if ly.v_bias else v
         q, kk, v = g.view(q, (hk, nh, T)), g.view(kk, (hk, nkv, T)), g.view(v, (hv, nkv, T))
-    if ly.qk_norm:
-        q = g.op("MUL", q.shape[0], g.op("RMS_NORM", q.shape[0], q), w(b + "attn_q_norm.weight"))
-    q = g.op("ROPE", q.shape[0], q, pos)
-    if ly.qk_norm:
-        kk = g.op("MUL", kk.shape[0], g.op("RMS_NORM", kk.shape[0], kk), w(b + "attn_k_norm.weight"))
-    kk = g.op("ROPE", kk.shape[0], kk, pos)
+    if m.no_rope_step and (il + 1) % m.no_rope_step == 0:  # Llama 4's NoPE layers: queries scaled
+        q = g.op("MUL", q.shape[0], q, attn_scale)
+    elif m.no_rope_step:
+        q, kk = g.op("ROPE", q.shape[0], q, pos), g.op("ROPE", kk.shape[0], kk, pos)
+        if m.kq_norm:
+            q, kk = g.op("RMS_NORM", q.shape[0], q), g.op("RMS_NORM", kk.shape[0], kk)
+    else:
+        if ly.qk_norm:
+            q = g.op("MUL", q.shape[0], g.op("RMS_NORM", q.shape[0], q), w(b + "attn_q_norm.weight"))
+        q = g.op("ROPE", q.shape[0], q, pos)
+        if ly.qk_norm:
+            kk = g.op("MUL", kk.shape[0], g.op("RMS_NORM", kk.shape[0], kk), w(b + "attn_k_norm.weight"))
+        kk = g.op("ROPE", kk.shape[0], kk, pos)
     if cache["k_rot"] is not None:
         q, kk = _hadamard(g, q, cache["k_rot"]), _hadamard(g, kk, cache["k_rot"])
     if cache["v_rot"] is not None:
@@ -961,6 +976,9 @@ def _moe(g: _Graph, m: _Model, ly: _Layer, il: int, cur: _T) -> _T:
         weights = g.op("SCALE", (1, n_used, rows), weights)
     g.expand(weights)
     x = g.view(cur, (E, 1, rows))
+    before = m.arch == "llama4"  # Llama 4 weights each expert's input, not its output
+    if before:
+        x = g.op("MUL", (E, n_used, rows), g.op("REPEAT", (E, n_used, rows), x), weights)
     if ly.fused_gate_up:
         both = g.op("MUL_MAT_ID", (2 * ff, n_used, rows), w(b + "ffn_gate_up_exps.weight"), x, topk)
         up, gate = g.view(both, (ff, n_used, rows), False), g.view(both, (ff, n_used, rows), False)
@@ -975,7 +993,8 @@ def _moe(g: _Graph, m: _Model, ly: _Layer, il: int, cur: _T) -> _T:
     experts = g.op("MUL_MAT_ID", (E, n_used, rows), w(b + "ffn_down_exps.weight"), act, topk)
     if ly.expert_bias:
         experts = g.op("ADD_ID", experts.shape[0], experts, w(b + "ffn_down_exps.bias"), topk)
-    experts = g.op("MUL", experts.shape[0], experts, weights)
+    if not before:
+        experts = g.op("MUL", experts.shape[0], experts, weights)
     g.expand(experts)
     views = [g.view(experts, (E, rows), False, span=((rows - 1) * n_used * E + E) * _F32) for _ in range(n_used)]
     for v in views:

@@ -27,6 +27,8 @@ from typing import Any
 
 ARCHS: tuple[str, ...] = ("llama-dense", "llama-moe", "qwen2moe", "qwen3moe", "deepseek2", "gpt-oss", "qwen35moe",
                           "qwen3next", "glm4moe")
+# Written on demand, not by build_all: llama4's compute buffers are close to llama.cpp's, not exact
+EXTRA_ARCHS: tuple[str, ...] = ("llama4",)
 
 # qtype -> the llama_ftype constant of llama-cpp-python that produces it
 QUANT_FTYPES: dict[str, str] = {
@@ -147,12 +149,16 @@ SPECS: dict[str, Spec] = {
              rope_freq_base=10000000.0),
         # GLM-4.5(-Air): q/k/v biases, RoPE on half the head, a leading dense layer, sigmoid routing
         # with a selection bias, one shared expert, an MTP layer llama.cpp leaves out
+        # Llama 4 Scout: MoE on every layer (top-1, sigmoid) with a shared expert, attention in chunks
+        # of 8192 tokens on three layers of four, no RoPE on the fourth (llama.cpp's defaults)
+        Spec("llama4", "llama4", n_head=4, n_head_kv=2, n_ff=512, n_expert=4, n_expert_used=1, expert_ff=256,
+             n_expert_shared=1, shared_ff=256, tokenizer_pre="llama-bpe", rope_freq_base=500000.0),
         Spec("glm4moe", "glm4moe", n_head=4, n_head_kv=2, n_ff=512, n_expert=4, n_expert_used=2, expert_ff=256,
              n_expert_shared=1, shared_ff=256, leading_dense=1, qkv_bias=True, rope_dim=32, expert_probs_bias=True,
              nextn=1, tokenizer_pre="qwen2", rope_freq_base=1000000.0),
     )
 }
-assert tuple(SPECS) == ARCHS
+assert sorted(SPECS) == sorted(ARCHS + EXTRA_ARCHS)
 
 
 # ---- tokenizer -------------------------------------------------------------------------------
@@ -457,6 +463,8 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
             w.add_expert_feed_forward_length(spec.expert_ff)
     if spec.arch in ("qwen2moe", "qwen35moe", "qwen3next"):
         w.add_expert_shared_feed_forward_length(spec.shared_ff)
+    if spec.arch == "llama4":
+        w.add_interleave_moe_layer_step(1)
     if spec.arch in ("deepseek2", "glm4moe"):
         w.add_leading_dense_block_count(spec.leading_dense)
         w.add_expert_shared_count(spec.n_expert_shared)
@@ -485,7 +493,7 @@ def _spec(arch: str | Spec) -> Spec:
     try:
         return SPECS[arch]
     except KeyError:
-        raise ValueError(f"unknown test architecture {arch!r}; choose from {', '.join(ARCHS)}") from None
+        raise ValueError(f"unknown test architecture {arch!r}; choose from {', '.join(SPECS)}") from None
 
 
 # ---- quantizing and loading (llama.cpp) ------------------------------------------------------

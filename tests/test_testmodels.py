@@ -9,7 +9,7 @@ import pytest
 from gguf.constants import MODEL_ARCH_NAMES, MODEL_TENSORS, TENSOR_NAMES, GGMLQuantizationType
 
 from moelocal import testmodels
-from moelocal.testmodels import ARCHS, CHATML_TEMPLATE, DEFAULT_QUANTS, SPECS, VOCAB_SIZE
+from moelocal.testmodels import ARCHS, CHATML_TEMPLATE, DEFAULT_QUANTS, EXTRA_ARCHS, SPECS, VOCAB_SIZE
 
 MODEL_KEYS = [f"{arch}-{q}" for arch in ARCHS for q in DEFAULT_QUANTS]
 PROMPT = "Hello world! The experts of this model are random."
@@ -53,7 +53,7 @@ def test_vocabulary_is_deterministic_and_sized():
     assert testmodels.vocabulary() == (tokens, types, merges)
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + EXTRA_ARCHS)
 def test_tensor_names_are_the_architectures_own(arch):
     """Every tensor is one gguf's constants list for the architecture (llama.cpp's loader is stricter still)."""
     spec = SPECS[arch]
