@@ -763,7 +763,7 @@ def _delta_net(g: _Graph, m: _Model, k: _GraphKey, il: int, cur: _T, rs_copy: _T
     v = g.view(conv, (s_v, hv, tn, ns), contig=False)
     q = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), q))
     kk = g.op("SCALE", (s_k, hk, tn, ns), g.op("RMS_NORM", (s_k, hk, tn, ns), kk))
-    if m.ssm_in and hk != hv:  # Qwen3-Next repeats the key heads up to the value heads itself
+    if m.arch == "qwen3next" and hk != hv:  # Qwen3-Next repeats the key heads up to the value heads
         q = g.view(g.op("REPEAT", (s_k, hv // hk, hk, T), g.view(q, (s_k, 1, hk, T))), (s_k, hv, tn, ns))
         kk = g.view(g.op("REPEAT", (s_k, hv // hk, hk, T), g.view(kk, (s_k, 1, hk, T))), (s_k, hv, tn, ns))
     out = g.op("GATED_DELTA_NET", (s_v * hv * tn * ns + s_v * s_v * hv * ns,), q, kk, v, gate, beta,
