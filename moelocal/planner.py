@@ -274,12 +274,25 @@ def _predict_from_disk(summary: ModelSummary, plan_memory: DeviceMemory, budget:
 # ---- candidates ------------------------------------------------------------------------------
 
 
+def unusable_gpus(hw: Hardware) -> tuple[str, ...]:
+    """GPUs whose budget does not even cover what their backend takes for itself (a card that
+    another program fills): naming one in the device list would only cost memory it does not have,
+    so the plan leaves it out and uses the others."""
+    budget = budgets(hw)
+    fixed = memory.BACKEND_OVERHEAD
+    return tuple(name for name, g in zip(hw.gpu_names, hw.gpus, strict=True)
+                 if budget[name] <= fixed.get(g.backend, fixed["cuda"]))
+
+
 def _gpu_devices(hw: Hardware) -> tuple[tuple[str, ...], tuple[float, ...]]:
     """The offload devices in llama.cpp's order, and their split by free memory (when several).
 
     Workers' devices come first, as llama.cpp orders them itself: the output layer, last, then sits
-    on a local device and the logits do not cross the network."""
-    order = sorted(range(len(hw.gpus)), key=lambda i: not hw.gpus[i].remote)
+    on a local device and the logits do not cross the network. GPUs that cannot hold anything are
+    left out (unusable_gpus)."""
+    skip = set(unusable_gpus(hw))
+    order = sorted((i for i in range(len(hw.gpus)) if hw.gpu_names[i] not in skip),
+                   key=lambda i: not hw.gpus[i].remote)
     names = hw.gpu_names
     devices = tuple(names[i] for i in order)
     split = tuple(float(max(hw.gpus[i].free, 0)) for i in order) if len(order) > 1 else ()
@@ -441,7 +454,9 @@ def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested:
     """Price every placement and pick the fastest that fits; shrink the context only if not requested."""
     if options.n_ctx <= 0:
         raise UsageError(f"--ctx must be positive, got {options.n_ctx}")
-    notes: list[str] = []
+    notes: list[str] = [
+        f"{name.upper()} has {human_bytes(g.free)} free, less than its backend needs for itself: left out of the plan"
+        for name, g in zip(hw.gpu_names, hw.gpus, strict=True) if name in unusable_gpus(hw)]
     plans = candidates(summary, hw, options)
     chosen = _choose(plans)
     if chosen is None and not ctx_requested:
@@ -563,6 +578,8 @@ def llama_cpp_flags(plan: Plan, hw: Hardware | None = None) -> list[str]:
     if hw is not None and hw.workers and any(d.startswith("rpc") for d in p.devices):
         # the workers' devices, then the local GPUs, named as llama.cpp registers them for --rpc
         flags += ["--rpc", ",".join(hw.workers), "-dev", ",".join(_llama_dev(d, hw) for d in p.devices)]
+    elif hw is not None and p.devices and set(p.devices) != set(hw.gpu_names):  # some GPUs left out
+        flags += ["-dev", ",".join(_llama_dev(d, hw) for d in p.devices)]
     flags += ["-ngl", str(p.n_gpu_layers if p.devices else 0)]
     if p.tensor_overrides == layout.cpu_moe_overrides():
         flags.append("--cpu-moe")

@@ -191,6 +191,23 @@ def test_unequal_gpus_are_filled_by_what_each_layer_weighs(q30b):
     assert fewer > p.n_cpu_moe + 5  # split 3:1, many more layers' experts must go to RAM
 
 
+def test_a_gpu_that_cannot_hold_anything_is_left_out(q30b):
+    """A card another program fills (256 MiB free, less than CUDA takes for itself) would make every
+    plan that names it fail; the plan uses the other card alone and says so."""
+    MiB = 1 << 20
+    hw = machine([256 * MiB, 24 * GiB])
+    assert planner.unusable_gpus(hw) == ("gpu0",)
+    result = planner.fit(q30b, hw, OPTS)
+    best = result.best
+    assert best.placement.devices == ("gpu1",) and "gpu0" not in best.memory
+    assert result.verdict() == "fits on the GPU"
+    assert result.notes == ("GPU0 has 256.0 MiB free, less than its backend needs for itself: left out of the plan",)
+    flags = planner.llama_cpp_flags(best, hw)
+    assert flags[:2] == ["-dev", "CUDA1"] and "-ts" not in flags
+    forced = planner.plan_model(q30b, hw, OPTS, n_gpu_layers=10)
+    assert forced.placement.devices == ("gpu1",)
+
+
 def test_equal_gpus_without_expert_offload_get_equal_layers(q30b):
     hw = machine([200 * GiB, 200 * GiB])
     p = planner.balance(q30b, Placement(n_gpu_layers=q30b.n_layer + 1, devices=("gpu0", "gpu1")), hw, OPTS)
