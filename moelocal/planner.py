@@ -277,11 +277,13 @@ def _predict_from_disk(summary: ModelSummary, plan_memory: DeviceMemory, budget:
 def unusable_gpus(hw: Hardware) -> tuple[str, ...]:
     """GPUs whose budget does not even cover what their backend takes for itself (a card that
     another program fills): naming one in the device list would only cost memory it does not have,
-    so the plan leaves it out and uses the others."""
+    so the plan leaves it out and uses the others. When no GPU is left, none is left out: plans that
+    name them simply do not fit, and a placement the user forces stays as asked."""
     budget = budgets(hw)
     fixed = memory.BACKEND_OVERHEAD
-    return tuple(name for name, g in zip(hw.gpu_names, hw.gpus, strict=True)
-                 if budget[name] <= fixed.get(g.backend, fixed["cuda"]))
+    bad = tuple(name for name, g in zip(hw.gpu_names, hw.gpus, strict=True)
+                if budget[name] <= fixed.get(g.backend, fixed["cuda"]))
+    return bad if len(bad) < len(hw.gpus) else ()
 
 
 def _gpu_devices(hw: Hardware) -> tuple[tuple[str, ...], tuple[float, ...]]:

@@ -206,6 +206,7 @@ def test_a_gpu_that_cannot_hold_anything_is_left_out(q30b):
     assert flags[:2] == ["-dev", "CUDA1"] and "-ts" not in flags
     forced = planner.plan_model(q30b, hw, OPTS, n_gpu_layers=10)
     assert forced.placement.devices == ("gpu1",)
+    assert planner.unusable_gpus(machine([256 * MiB])) == ()  # the only card: plans name it and do not fit
 
 
 def test_equal_gpus_without_expert_offload_get_equal_layers(q30b):
