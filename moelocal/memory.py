@@ -63,6 +63,12 @@ BACKEND_OVERHEAD: dict[str, int] = {
     "rpc": 0,
     "cpu": 0,
 }
+
+
+def backend_overhead(backend: str) -> int:
+    """BACKEND_OVERHEAD of ``backend``; a backend not in the table is charged as CUDA."""
+    return BACKEND_OVERHEAD.get(backend.lower(), BACKEND_OVERHEAD["cuda"])
+
 # Alignment of a buffer type's allocations: ggml's CPU buffers (TENSOR_ALIGNMENT), CUDA's (128).
 _ALIGN = {"cpu": 32, "cuda": 128}
 
@@ -1194,7 +1200,7 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
         out[d] = DeviceMemory(
             weights=weights.get(d, 0), kv=kv.get(d, 0), compute=compute.get(d, 0),
             output=output_bytes(summary, options) if d == CPU else 0,
-            overhead=BACKEND_OVERHEAD.get(_backend_of(gpu_backend, d), BACKEND_OVERHEAD["cuda"]) if on_device else 0,
+            overhead=backend_overhead(_backend_of(gpu_backend, d)) if on_device else 0,
         )
     return out
 

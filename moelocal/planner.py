@@ -280,9 +280,8 @@ def unusable_gpus(hw: Hardware) -> tuple[str, ...]:
     so the plan leaves it out and uses the others. When no GPU is left, none is left out: plans that
     name them simply do not fit, and a placement the user forces stays as asked."""
     budget = budgets(hw)
-    fixed = memory.BACKEND_OVERHEAD
     bad = tuple(name for name, g in zip(hw.gpu_names, hw.gpus, strict=True)
-                if budget[name] <= fixed.get(g.backend, fixed["cuda"]))
+                if budget[name] <= memory.backend_overhead(g.backend))
     return bad if len(bad) < len(hw.gpus) else ()
 
 
@@ -344,7 +343,7 @@ def balance(summary: ModelSummary, placement: Placement, hw: Hardware, options: 
     budget = budgets(hw)
     backends = dict(zip(hw.gpu_names, (g.backend for g in hw.gpus), strict=True))
     room = [max(budget.get(d, 0), 1) for d in devices]
-    fixed = [memory.BACKEND_OVERHEAD.get(backends.get(d, "cuda"), memory.BACKEND_OVERHEAD["cuda"]) for d in devices]
+    fixed = [memory.backend_overhead(backends.get(d, "cuda")) for d in devices]
 
     def cut(ratio: float) -> list[int] | None:
         counts, j = [], 0
