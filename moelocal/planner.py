@@ -455,9 +455,10 @@ def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested:
     """Price every placement and pick the fastest that fits; shrink the context only if not requested."""
     if options.n_ctx <= 0:
         raise UsageError(f"--ctx must be positive, got {options.n_ctx}")
+    left_out = unusable_gpus(hw)
     notes: list[str] = [
         f"{name.upper()} has {human_bytes(g.free)} free, less than its backend needs for itself: left out of the plan"
-        for name, g in zip(hw.gpu_names, hw.gpus, strict=True) if name in unusable_gpus(hw)]
+        for name, g in zip(hw.gpu_names, hw.gpus, strict=True) if name in left_out]
     plans = candidates(summary, hw, options)
     chosen = _choose(plans)
     if chosen is None and not ctx_requested:
