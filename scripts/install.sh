@@ -50,10 +50,25 @@ quiet $PIP install -q --upgrade pip
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python>=\([0-9.]*\),.*/\1/p' pyproject.toml)
 MARKER="$VENV/.llama-backend"
 WANT="$BACKEND $LLAMA_VERSION $CMAKE"
+# The sdist is kept: the build uses it, and the tests read the real chat templates, vocab-only GGUFs
+# of real tokenizers and the architecture list of the llama.cpp it vendors.
+SDIST="$VENV/sdist/llama_cpp_python-$LLAMA_VERSION.tar.gz"
+ASSETS="$VENV/share/llama.cpp"
+fetch_sdist() {
+  [ -s "$SDIST" ] || quiet $PIP download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$VENV/sdist"
+}
 if [ "$(cat "$MARKER" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
   echo "Building llama-cpp-python $LLAMA_VERSION for $BACKEND (takes a few minutes)..." >&2
-  quiet env CMAKE_ARGS="$CMAKE" $PIP install -q --no-cache-dir --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VERSION"
+  fetch_sdist
+  quiet env CMAKE_ARGS="$CMAKE" $PIP install -q --no-cache-dir --force-reinstall --no-deps "$SDIST"
   echo "$WANT" > "$MARKER"
+fi
+if [ "$DEV" = 1 ] && [ ! -f "$ASSETS/.complete" ]; then
+  fetch_sdist
+  rm -rf "$ASSETS" && mkdir -p "$ASSETS"
+  top="llama_cpp_python-$LLAMA_VERSION/vendor/llama.cpp"
+  quiet tar -xzf "$SDIST" -C "$ASSETS" --strip-components=3 "$top/models" "$top/src"
+  echo "$LLAMA_VERSION" > "$ASSETS/.complete"
 fi
 if [ "$DEV" = 1 ]; then
   quiet $PIP install -q -e ".[dev]"

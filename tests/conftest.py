@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -44,3 +45,14 @@ def load_llama() -> Callable[..., object]:
     ``.tokenize()``, ``.decode()`` and ``.generate()``; see moelocal.testmodels.Loaded.
     """
     return testmodels.load
+
+
+@pytest.fixture(scope="session")
+def llama_assets() -> Path:
+    """The vendored llama.cpp's ``models/`` (real chat templates in ``models/templates``, vocab-only
+    GGUFs of real tokenizers) and ``src/`` (its architecture list), taken from the llama-cpp-python
+    sdist by ``scripts/install.sh --dev`` into the virtual environment."""
+    root = Path(sys.prefix) / "share" / "llama.cpp"
+    if not (root / ".complete").is_file():
+        pytest.fail(f"{root} is missing: run scripts/install.sh {sys.prefix} --dev (make test does)")
+    return root
