@@ -15,18 +15,23 @@ from moelocal.commands._run import (
     CtxOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     IgnoreEosOpt,
     KvTypeOpt,
     MaxTokensOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
     ThreadsOpt,
+    TopKOpt,
     TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
@@ -34,6 +39,7 @@ from moelocal.commands._run import (
     note,
     open_engine,
     sampling,
+    sampling_line,
     status_line,
     warn,
 )
@@ -51,8 +57,13 @@ Ctrl-C stops an answer; the conversation goes on."""
 def chat(
     model: ModelArg = None,
     system: SystemOpt = None,
-    temp: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = 1024,
     ctx: CtxOpt = None,
@@ -84,7 +95,9 @@ def chat(
 
       moelocal chat model.gguf --n-cpu-moe 20 --ctx 16384
     """
-    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                     top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
                            workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
@@ -226,6 +239,7 @@ class Session:
                         f"KV {hb(m.kv)}, compute {hb(m.compute)})" for d, m in e.memory.items())
         lines.append(f"memory: {mem}")
         lines.append(f"threads: {e.n_threads}, context: {e.n_ctx_seq} tokens")
+        lines.append("sampling: " + sampling_line(e, self.params))
         speed = (self.completion_tokens - self.turns) / self.generation_seconds if self.generation_seconds else 0.0
         lines.append(f"turns: {self.turns}, prompt tokens processed: {self.prompt_tokens}, "
                      f"tokens generated: {self.completion_tokens}, average {speed:.1f} tok/s")
