@@ -22,6 +22,11 @@ from typing import Any
 from moelocal.errors import EngineError
 
 
+class JsonText(str):
+    """Tool-call arguments as a JSON string, for templates that want a string: ``tojson`` leaves it as it
+    is instead of encoding it again (Apriel writes ``arguments|tojson`` and would double-encode it)."""
+
+
 class TemplateFailed(Exception):
     """A template raised (raise_exception, a syntax error, a sandbox violation); ``str()`` says why."""
 
@@ -73,7 +78,7 @@ def _ids(value: Any) -> Iterator[int]:
             stack.extend(v)
 
 
-@lru_cache(maxsize=16)
+@lru_cache(maxsize=128)
 def _compile(template: str):
     return environment().from_string(template)
 
@@ -108,6 +113,8 @@ def environment():
     def tojson(value: Any, ensure_ascii: bool = False, indent: int | None = None,
                separators: tuple[str, str] | None = None, sort_keys: bool = False) -> str:
         # transformers' tojson: json.dumps with its options, not Jinja's HTML-escaping one
+        if isinstance(value, JsonText):
+            return str(value)
         return json.dumps(value, ensure_ascii=ensure_ascii, indent=indent, separators=separators,
                           sort_keys=sort_keys, default=_jsonable)
 

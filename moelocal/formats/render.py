@@ -19,7 +19,7 @@ from functools import lru_cache
 from typing import Any
 
 from moelocal.errors import EngineError
-from moelocal.formats.jinja import TemplateFailed, render_raw
+from moelocal.formats.jinja import JsonText, TemplateFailed, render_raw
 
 # ChatML: the fallback when a model carries no chat template of its own.
 CHATML_TEMPLATE = (
@@ -78,7 +78,7 @@ def _try_plain(template: str, messages: list[dict[str, Any]], **variables: Any) 
         return None
 
 
-@lru_cache(maxsize=32)
+@lru_cache(maxsize=128)
 def probe(template: str) -> Caps:
     """What ``template`` accepts, by rendering small conversations with marker strings (once per template)."""
     caps: dict[str, Any] = {}
@@ -118,7 +118,7 @@ def _probe_rest(template: str, caps: dict[str, Any], tool_vars: dict[str, Any]) 
         return text is not None and "ARG_MARK" in text and "{'arg'" not in text and '\\"arg' not in text
 
     obj = _try(template, _tool_conversation({"arg": "ARG_MARK"}, call_id), **tool_vars)
-    string = None if good_object(obj) else _try(template, _tool_conversation('{"arg": "ARG_MARK"}', call_id),
+    string = None if good_object(obj) else _try(template, _tool_conversation(JsonText('{"arg": "ARG_MARK"}'), call_id),
                                                 **tool_vars)
     caps["object_arguments"] = good_object(obj) or (obj is not None and string is None)
     best = obj if caps["object_arguments"] else string
@@ -279,8 +279,8 @@ def _arguments_as(arguments: Any, as_object: bool) -> Any:
             return value
         return arguments if arguments is not None else {}
     if isinstance(arguments, str):
-        return arguments
-    return json.dumps(arguments if arguments is not None else {}, ensure_ascii=False)
+        return JsonText(arguments)
+    return JsonText(json.dumps(arguments if arguments is not None else {}, ensure_ascii=False))
 
 
 def _id_map(caps: Caps, msgs: list[dict[str, Any]]) -> dict[str, str]:
