@@ -17,7 +17,7 @@ from moelocal.gguf_model import read_summary
 from moelocal.hardware import GPU, GiB, Hardware
 
 FAST = ("--threads", "1", "--ctx", "512")
-RECORD_KEYS = {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
+RECORD_KEYS = {"id", "content", "reasoning", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
 
 
 def moelocal(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
