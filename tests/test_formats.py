@@ -271,3 +271,23 @@ def test_an_answer_cut_short_keeps_what_it_has():
     assert cut.tool_calls == () and cut.content.startswith("Sure.\n<tool_call>")
     # a partial marker at the very end is text after all
     assert parse(fmt, "", "<think>a</think>b <tool_ca") == Message("b <tool_ca", "a")
+
+
+@pytest.mark.parametrize("name", ["Qwen-Qwen3-0.6B.jinja", "Qwen3.5-4B.jinja", "deepseek-ai-DeepSeek-V3.1.jinja",
+                                  "GLM-4.6.jinja", "Kimi-K2-Thinking.jinja", "MiniMax-M2.jinja",
+                                  "openai-gpt-oss-120b.jinja"])
+def test_earlier_turns_render_the_same_every_turn(llama_assets, name):
+    """What chat keeps of an answer (content, reasoning apart) renders the same way in every later prompt,
+    so the KV cache holds a valid prefix: the templates that drop old reasoning drop it every time."""
+    t = template(llama_assets, name)
+    fmt = detect_format(t)
+    first = Message("Hello!", "The user greets me.").to_openai()
+    second = Message("Fine, thanks.", "Asked how I am.").to_openai()
+    turn2 = [{"role": "user", "content": "Hi"}, first, {"role": "user", "content": "How are you?"}]
+    turn3 = turn2 + [second, {"role": "user", "content": "Good."}]
+    prompt2, _ = render_chat(fmt, t, turn2)
+    prompt3, _ = render_chat(fmt, t, turn3)
+    gen_prompt = render_chat(fmt, t, turn2, add_generation_prompt=False)[0]
+    assert prompt3.startswith(gen_prompt), (gen_prompt, prompt3)
+    assert "The user greets me." not in prompt3  # old reasoning is dropped by these templates
+    assert prompt2.startswith(gen_prompt)
