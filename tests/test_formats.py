@@ -95,6 +95,7 @@ def test_without_a_template_of_its_own_the_vocabulary_decides():
     qwen3 = detect_format(CHATML_TEMPLATE, ["<|im_start|>", "<think>", "</think>", "<tool_call>", "</tool_call>"])
     assert (qwen3.reasoning, qwen3.tools) == ("think", "hermes")
     assert detect_format("", ["<|start|>", "<|channel|>", "<|message|>", "<|end|>"]).reasoning == "harmony"
+    assert detect_format(CHATML_TEMPLATE, ["<|start|>", "<|channel|>", "<|message|>"]).tools == "harmony"
     # a real template that never thinks is believed over a vocabulary that has the tags (Qwen3-Coder)
     assert detect_format("{{ messages[0].content }}", ["<think>", "</think>"]).reasoning is None
 

@@ -133,6 +133,22 @@ def test_batch_records_carry_content_reasoning_and_tool_calls(thinking_model):
         recs["tools"]["prompt_tokens"]
 
 
+def test_generated_text_carries_the_special_tokens(model):
+    """The formats' parsers read markup that is special tokens (harmony's <|channel|>): the engine renders them."""
+    from moelocal.engine import Engine
+    from moelocal.formats import ChatFormat
+    from moelocal.testmodels import special_token_id
+
+    plan = build_plan(read_summary(model), PlacementFlags(), ctx=256, threads=1)
+    with Engine.load(model, plan) as engine:
+        token = special_token_id("<|im_start|>")
+        assert engine.tokenize("<|im_start|>", add_special=False) == [token]
+        assert engine.token_bytes(token) == b"<|im_start|>"
+        assert engine.token_bytes(token, special=False) == b""  # what llama.cpp's special=False did
+        assert engine.chat_format == ChatFormat()  # a ChatML model: plain text, nothing to take apart
+        assert set(engine.special_tokens) >= {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}
+
+
 # ---- batch -----------------------------------------------------------------------------------
 
 

@@ -82,7 +82,8 @@ def detect_format(template: str | None, special_tokens: Collection[str] = ()) ->
     specials = set(special_tokens)
     toggle = "enable_thinking" in t
     effort = "reasoning_effort" in t
-    if "<|channel|>" in t and "<|message|>" in t or (not t.strip() and all(s in specials for s in HARMONY_TOKENS)):
+    if ("<|channel|>" in t and "<|message|>" in t) or (not _has_family(t)
+                                                       and all(s in specials for s in HARMONY_TOKENS)):
         return ChatFormat("harmony", "harmony", toggle, effort)
     tags = next((p for p in THINK_TAGS if p[1] in t), None)
     if tags is None and not _has_family(t):
