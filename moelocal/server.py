@@ -206,7 +206,8 @@ class Worker:
                 else:
                     wave.append(job)
                     self.running += 1
-                    yield job.tokens, _Cancellable.wrap(job.params, job.cancelled)
+                    # resolved first: the engine then keeps this very object (resolving makes a copy)
+                    yield job.tokens, _Cancellable.wrap(self.engine.sampling(job.params), job.cancelled)
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
@@ -344,12 +345,20 @@ def sampling(body: Mapping[str, Any], room: int, base: SamplingParams) -> Sampli
     changes: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     changes["max_tokens"] = room if max_tokens is None else _int(max_tokens, "max_tokens")
-    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p")):
+    # OpenAI's fields, and llama-server's extras (top_k, min_p, repeat_penalty, repeat_last_n)
+    for key in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
         if body.get(key) is not None:
-            changes[name] = _number(body[key], key)
-    for key in ("top_k", "seed"):
+            changes[key] = _number(body[key], key)
+    for key, name in (("top_k", "top_k"), ("seed", "seed"), ("repeat_last_n", "penalty_last_n")):
         if body.get(key) is not None:
-            changes[key] = _int(body[key], key)
+            changes[name] = _int(body[key], key)
+    if body.get("response_format") is not None:
+        from moelocal.grammar import response_format_grammar
+
+        try:
+            changes["grammar"] = response_format_grammar(body["response_format"])
+        except UsageError as exc:
+            raise ApiError(400, exc.message, param="response_format") from None
     if body.get("ignore_eos") is not None:
         changes["ignore_eos"] = bool(body["ignore_eos"])
     stop = body.get("stop")

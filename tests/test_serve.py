@@ -454,3 +454,66 @@ def test_moelocal_serve_runs_the_planned_model_until_ctrl_c(model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- structured output and sampling fields ------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_validates_for_20_seeds_on_the_demo_model():
+    jsonschema = pytest.importorskip("jsonschema")
+    openai = pytest.importorskip("openai")
+    from moelocal.server import create_app
+    from moelocal.source import demo_model_path
+
+    user = [{"role": "user", "content": "Describe a person as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    with Engine.load(demo_model_path(), cpu_plan(512)) as engine, running(create_app(engine, "demo")) as base:
+        api = client(base)
+        answers = set()
+        for seed in range(20):
+            if seed % 2:  # streamed, the pieces put together
+                pieces = list(api.chat.completions.create(model="demo", messages=user, response_format=fmt,
+                                                          temperature=0.9, seed=seed, max_tokens=300, stream=True))
+                text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+                finish = [p.choices[0].finish_reason for p in pieces if p.choices][-1]
+            else:
+                r = api.chat.completions.create(model="demo", messages=user, response_format=fmt, temperature=0.9,
+                                                seed=seed, max_tokens=300)
+                text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert finish == "stop"
+            jsonschema.validate(json.loads(text), PERSON)
+            answers.add(text)
+        assert len(answers) > 10
+        r = api.chat.completions.create(model="demo", messages=user, response_format={"type": "json_object"},
+                                        temperature=0.9, seed=1, max_tokens=300)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+        for bad, message in (
+            ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}},
+             "the JSON schema cannot be turned into a grammar: Unrecognized schema: {'type': 'strange'}"),
+            ({"type": "yaml"}, "'response_format.type' must be text, json_object or json_schema; got 'yaml'"),
+        ):
+            with pytest.raises(openai.BadRequestError) as e:
+                api.chat.completions.create(model="demo", messages=user, response_format=bad)
+            assert (e.value.body["message"], e.value.body["param"]) == (message, "response_format")
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="demo", messages=user, presence_penalty=3)
+        assert e.value.body["message"] == "presence_penalty must be in [-2, 2], got 3.0"
+
+
+def test_penalties_and_llama_server_fields_reach_the_sampler(url, ref):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repeat_penalty=1.5, presence_penalty=0.5,
+                            frequency_penalty=0.3, penalty_last_n=32, top_k=5, min_p=0.1)
+    want, _ = expected(ref, messages, params)
+    plain, _ = expected(ref, messages, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert want != plain  # the penalties change this answer
+    r = client(url).chat.completions.create(model="qwen3moe-q8_0", messages=messages, temperature=0, max_tokens=16,
+                                            presence_penalty=0.5, frequency_penalty=0.3, extra_body={
+                                                "ignore_eos": True, "repeat_penalty": 1.5, "repeat_last_n": 32,
+                                                "top_k": 5, "min_p": 0.1})
+    assert r.choices[0].message.content == want

@@ -17,18 +17,23 @@ from moelocal.commands._run import (
     CpuMoeOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     IgnoreEosOpt,
     KvTypeOpt,
     MaxTokensOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
     ThreadsOpt,
+    TopKOpt,
     TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
@@ -41,7 +46,8 @@ from moelocal.errors import EngineError, UsageError
 
 # Per-line sampling keys and the SamplingParams field each sets.
 LINE_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
-               "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop"}
+               "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
+               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # Requests at once when a GPU runs layers. On the CPU alone one at a time is as fast: measured with
 # scripts/bench_engine.py --parallel 4, four sequences per batch gave 0.93-1.00x the throughput of one.
 GPU_PARALLEL = 4
@@ -75,8 +81,13 @@ def batch(
                                                  "measured no faster).", show_default=False)] = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
-    temp: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
     seed: SeedOpt = None,
     ctx: Annotated[int | None, typer.Option("--ctx", "-c", help=f"Context per request in tokens. Default: "
                                             f"{BATCH_CTX} (or the model's, if smaller).")] = None,
@@ -97,8 +108,10 @@ def batch(
 
     Each input line is {"id": ..., "prompt": "..."} (plain text completion) or {"id": ..., "messages":
     [{"role": "user", "content": "..."}]} (through the model's chat template, after --system if given),
-    optionally with its own max_tokens, temperature, top_p, top_k, min_p, seed or stop, and for messages
-    "tools" (OpenAI's shape), "enable_thinking" or "reasoning_effort". Each output line is {"id", "content",
+    optionally with its own max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty,
+    frequency_penalty, seed, stop or response_format (OpenAI's: {"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"schema": ...}} constrains the answer to JSON), and for messages "tools"
+    (OpenAI's shape), "enable_thinking" or "reasoning_effort". Each output line is {"id", "content",
     "reasoning", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}: the answer, the
     model's thinking apart from it, and the text as the model wrote it; with tools also "tool_calls" (id,
     function name and arguments as a JSON string; finish_reason "tool_calls"). Records are written whole and
@@ -115,7 +128,9 @@ def batch(
     """
     if parallel is not None and parallel < 1:
         raise UsageError(f"--parallel must be at least 1, got {parallel}")
-    base = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    base = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                    top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     path, summary = resolve_model(model)  # a wrong MODEL fails before any output is written
     text = _read_input(input)
     done_ids, done_lines = _done(output) if output is not None else (set(), set())
@@ -288,6 +303,13 @@ def _parse_line(n: int, raw: str, base, seed: int | None, seen: set[str]) -> Job
             elif not isinstance(v, (int, float)) or isinstance(v, bool):
                 return Job(n, rid, error=f"line {n}: {k!r} must be a number")
             changes[field] = v
+    if obj.get("response_format") is not None:  # structured output: a grammar from the schema
+        from moelocal.grammar import response_format_grammar
+
+        try:
+            changes["grammar"] = response_format_grammar(obj["response_format"])
+        except UsageError as exc:
+            return Job(n, rid, error=f"line {n}: {exc.message}")
     if "seed" not in changes and seed is not None:
         # each request its own seed, fixed by --seed and its id: the same answer whatever the order
         changes["seed"] = (seed + zlib.crc32(key.encode())) % (2**32 - 1)

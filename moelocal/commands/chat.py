@@ -19,20 +19,25 @@ from moelocal.commands._run import (
     CtxOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     IgnoreEosOpt,
     KvTypeOpt,
     MaxTokensOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
     ReasoningEffortOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
     ThinkOpt,
     ThreadsOpt,
+    TopKOpt,
     TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
@@ -40,6 +45,7 @@ from moelocal.commands._run import (
     note,
     open_engine,
     sampling,
+    sampling_line,
     show_template_notes,
     status_line,
     template_args,
@@ -62,8 +68,13 @@ Ctrl-C stops an answer; the conversation goes on."""
 def chat(
     model: ModelArg = None,
     system: SystemOpt = None,
-    temp: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
     seed: SeedOpt = None,
     max_tokens: MaxTokensOpt = 1024,
     ctx: CtxOpt = None,
@@ -100,7 +111,9 @@ def chat(
 
       moelocal chat gpt-oss-20b-mxfp4.gguf --reasoning-effort high
     """
-    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                     top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
                            workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
@@ -287,6 +300,7 @@ class Session:
         lines.append(f"memory: {mem}")
         lines.append(f"threads: {e.n_threads}, context: {e.n_ctx_seq} tokens")
         lines.append(self.thinking_state())
+        lines.append("sampling: " + sampling_line(e, self.params))
         speed = (self.completion_tokens - self.turns) / self.generation_seconds if self.generation_seconds else 0.0
         lines.append(f"turns: {self.turns}, prompt tokens processed: {self.prompt_tokens}, "
                      f"tokens generated: {self.completion_tokens}, average {speed:.1f} tok/s")

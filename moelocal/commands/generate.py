@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
+from pathlib import Path
 from typing import Annotated
 
 import typer
@@ -14,20 +16,25 @@ from moelocal.commands._run import (
     CtxOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     IgnoreEosOpt,
     KvTypeOpt,
     MaxTokensOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
     ReasoningEffortOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
     ThinkOpt,
     ThreadsOpt,
+    TopKOpt,
     TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
@@ -52,9 +59,17 @@ def generate(
     raw: Annotated[bool, typer.Option("--raw", help="Complete the prompt as plain text, without the model's "
                                       "chat template.")] = False,
     max_tokens: MaxTokensOpt = 512,
-    temp: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
     seed: SeedOpt = None,
+    json_schema: Annotated[Path | None, typer.Option(
+        "--json-schema", help="Answer with JSON that validates against the JSON schema in this file (decoding is "
+        "constrained by a llama.cpp grammar built from it).", show_default=False)] = None,
     json: JsonOpt = False,
     show_reasoning: Annotated[bool, typer.Option("--show-reasoning", help="Write the model's thinking to stderr "
                                                  "as it comes (stdout carries the answer alone).",
@@ -91,6 +106,8 @@ def generate(
 
       moelocal generate model.gguf -p "Hi" --json --temp 0
 
+      moelocal generate model.gguf -p "A city and its country" --json-schema city.schema.json
+
       moelocal generate gpt-oss-20b-mxfp4.gguf -p "Why is the sky blue?" --show-reasoning --reasoning-effort low
     """
     if prompt is None:
@@ -101,7 +118,13 @@ def generate(
         raise UsageError("the prompt is empty", "give one with -p TEXT or on stdin")
     if raw and system:
         raise UsageError("--system needs the chat template", "drop --raw, or put the text in the prompt")
-    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    params = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                     top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                     presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
+    if json_schema is not None:  # before the model loads: a bad schema fails at once
+        from moelocal.grammar import read_schema, schema_grammar
+
+        params = replace(params, grammar=schema_grammar(read_schema(json_schema)))
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
                            workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
