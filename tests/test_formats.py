@@ -292,3 +292,18 @@ def test_earlier_turns_render_the_same_every_turn(llama_assets, name):
     assert prompt3.startswith(gen_prompt), (gen_prompt, prompt3)
     assert "The user greets me." not in prompt3  # old reasoning is dropped by these templates
     assert prompt2.startswith(gen_prompt)
+
+
+def test_mistral_tool_calls_old_and_new(llama_assets):
+    nemo = detect_format(template(llama_assets, "mistralai-Mistral-Nemo-Instruct-2407.jinja"))
+    small = detect_format(template(llama_assets, "Mistral-Small-3.2-24B-Instruct-2506.jinja"))
+    ministral = detect_format(template(llama_assets, "mistralai-Ministral-3-14B-Reasoning-2512.jinja"))
+    assert (nemo.tools, small.tools, ministral.tools, ministral.reasoning) == ("mistral",) * 3 + ("think",)
+    old = f'[TOOL_CALLS][{{"name": "get_weather", "arguments": {PARIS}}}, {{"name": "get_time", "arguments": {TOKYO}}}]'
+    assert calls(parse(nemo, "", old)) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "Asia/Tokyo"})]
+    new = f"Checking.[TOOL_CALLS]get_weather[ARGS]{PARIS}[TOOL_CALLS]get_time[ARGS]{TOKYO}"
+    msg = parse(small, "", new)
+    assert msg.content == "Checking."
+    assert calls(msg) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "Asia/Tokyo"})]
+    thought = parse(ministral, "", f"[THINK]Weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{PARIS}")
+    assert thought.reasoning == "Weather." and calls(thought) == [("get_weather", {"city": "Paris"})]

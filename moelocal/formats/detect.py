@@ -24,7 +24,7 @@ class ChatFormat:
 
     ``reasoning``: "think" (between ``think_tags``), "harmony" (gpt-oss channels) or None.
     ``tools``: the tool-call syntax ("hermes", "qwen3-coder", "glm", "deepseek", "kimi", "minimax",
-    "harmony") or None. ``thinking_toggle``: the template reads ``enable_thinking``; ``effort``: it reads
+    "mistral", "harmony") or None. ``thinking_toggle``: the template reads ``enable_thinking``; ``effort``: it reads
     ``reasoning_effort``.
     """
 
@@ -105,6 +105,8 @@ def _tool_syntax(t: str, specials: set[str]) -> str | None:
         return "qwen3-coder"
     if "<tool_call>" in t:
         return "hermes"
+    if "[TOOL_CALLS]" in t:
+        return "mistral"
     if not _has_family(t) and "<tool_call>" in specials and "</tool_call>" in specials:
         return "hermes"
     return None

@@ -324,6 +324,30 @@ class _Bodies:
             raise ValueError("no function name")
         return name, _arguments(_json_object(args)), None
 
+    def mistral(self, body: str) -> list[tuple[str, Any, str | None]]:
+        """After [TOOL_CALLS]: a JSON list of {name, arguments} (Nemo) or NAME[ARGS]{json} (Small 3.2,
+        Devstral, Ministral 3; with [CALL_ID]id before [ARGS] in some)."""
+        s = body.strip()
+        if s.startswith("["):
+            items = _json_object(s)
+            if not isinstance(items, list) or not items:
+                raise ValueError("not a list of calls")
+            out = []
+            for it in items:
+                if not isinstance(it, dict) or not isinstance(it.get("name"), str):
+                    raise ValueError("a call without a name")
+                out.append((it["name"], _arguments(it.get("arguments", {})), None))
+            return out
+        name, sep, rest = s.partition("[ARGS]")
+        call_id = None
+        if "[CALL_ID]" in name:
+            name, _, call_id = name.partition("[CALL_ID]")
+            call_id = call_id.strip() or None
+        name = name.strip()
+        if not sep or not _NAME.match(name):
+            raise ValueError("no NAME[ARGS]")
+        return [(name, _arguments(_json_object(rest)), call_id)]
+
     def kimi(self, body: str) -> tuple[str, Any, str | None]:
         head, sep, args = body.partition("<|tool_call_argument_begin|>")
         if not sep:
@@ -344,6 +368,8 @@ class _Unit:
     end: str
     parse: str  # the _Bodies method
     keep_begin: bool = False  # the begin marker is part of the body (Qwen3-Coder's bare <function=)
+    # no end marker: the unit runs to the next one's begin or the end of the answer (Mistral's [TOOL_CALLS])
+    open_ended: bool = False
 
 
 @dataclass(frozen=True)
@@ -363,6 +389,7 @@ TOOL_SYNTAX: dict[str, _Tools] = {
                    ("<|tool_calls_section_begin|>", "<|tool_calls_section_end|>")),
     "minimax": _Tools((_Unit("<invoke ", "</invoke>", "minimax", keep_begin=True),),
                       ("<minimax:tool_call>", "</minimax:tool_call>")),
+    "mistral": _Tools((_Unit("[TOOL_CALLS]", "", "mistral", open_ended=True),)),
 }
 
 
@@ -462,17 +489,18 @@ class TaggedParser(Parser):
                 assert self.syntax is not None
                 unit = next(u for u in self.syntax.units if text.startswith(u.begin, i))
                 start = i + len(unit.begin)
-                j = text.find(unit.end, start)
+                j = text.find(unit.begin if unit.open_ended else unit.end, start)
                 if j < 0 and not final:
                     return
-                stop = len(text) if j < 0 else j + len(unit.end)
+                stop = len(text) if j < 0 else j + (0 if unit.open_ended else len(unit.end))
                 body = text[i if unit.keep_begin else start:len(text) if j < 0 else j]
                 try:
-                    name, args, call_id = getattr(self.bodies, unit.parse)(body)
+                    found = getattr(self.bodies, unit.parse)(body)
                 except ValueError:
                     self.content.add(text[i:stop], deltas)  # not a call after all: the text is content
                 else:
-                    self._call(name, args, deltas, call_id)
+                    for name, args, call_id in found if isinstance(found, list) else [found]:
+                        self._call(name, args, deltas, call_id)
                 self.pos = stop
                 self.state = "section" if self.in_section else "content"
                 if j < 0:
