@@ -189,3 +189,34 @@ def test_chat_shows_thinking_apart_and_think_switches_it(thinking_model, termina
     t.keys("C-d")
     screen = t.wait(lambda s: "EXITED" in s, "Ctrl-D to leave")
     assert "EXITED 0" in screen and "Traceback" not in screen
+
+
+def test_earlier_turns_keep_the_kv_cache_prefix_when_the_template_drops_old_reasoning(thinking_model):
+    """What chat stores of an answer (the content, the reasoning apart) renders the same way in every later
+    turn, so each turn reuses the cache for the whole previous prompt but its opening <think>."""
+    from moelocal.commands._run import PlacementFlags, build_plan
+    from moelocal.engine import Engine, SamplingParams
+    from moelocal.gguf_model import read_summary
+
+    plan = build_plan(read_summary(thinking_model), PlacementFlags(), ctx=2048, threads=1)
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True)
+    with Engine.load(thinking_model, plan) as engine:
+        messages: list[dict] = []
+        previous, thought = "", ""
+        for n, text in enumerate(("First question", "Second question", "Third question")):
+            messages.append({"role": "user", "content": text})
+            prompt = engine.render_chat(messages)
+            assert prompt.endswith("<|im_start|>assistant\n<think>\n")
+            if n:
+                # the old answer renders without its thinking, the same in every later prompt
+                kept = previous[: -len("<think>\n")]
+                assert prompt.startswith(kept) and thought not in prompt
+            parser = engine.chat_format.parser(prompt)
+            chunks = list(engine.generate(engine.prompt_tokens(prompt), params))
+            for c in chunks:
+                parser.feed(c.text)
+            msg = parser.finish()
+            assert msg.reasoning and msg.content == ""  # the prompt opened <think>: all of it is thinking
+            messages.append(msg.to_openai())
+            assert chunks[-1].cached_tokens >= (len(engine.prompt_tokens(previous[: -len("<think>\n")])) if n else 0)
+            previous, thought = prompt, msg.reasoning
