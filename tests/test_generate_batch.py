@@ -108,6 +108,16 @@ def test_generate_keeps_the_thinking_off_stdout(thinking_model):
     assert json.loads(effort.stdout)["reasoning"] == rec["reasoning"]
 
 
+def test_a_json_schema_answer_of_a_thinking_model_is_the_content(thinking_model, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    run = moelocal("generate", thinking_model, "-p", "Hi", "--json-schema", str(schema), "--json", "-n", "40",
+                   "--seed", "1", *FAST)
+    assert run.returncode == 0, run.stderr
+    rec = json.loads(run.stdout)
+    assert rec["reasoning"] == "" and isinstance(json.loads(rec["content"])["a"], int)
+
+
 def test_batch_records_carry_content_reasoning_and_tool_calls(thinking_model):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]

@@ -183,9 +183,12 @@ def _run(engine, jobs: list[Job], n_seq: int, system: str | None, sink: IO[str])
                 try:
                     reads = {"enable_thinking": fmt.thinking_toggle, "reasoning_effort": fmt.effort}
                     targs = {k: v for k, v in (j.template_args or {}).items() if reads[k]}  # what the template reads
+                    if j.params.grammar and fmt.thinking_toggle:
+                        targs.setdefault("enable_thinking", False)  # the grammar leaves no room for thinking
                     text = engine.render_chat(msgs, tools=j.tools, **targs)
                     prompt: Any = engine.prompt_tokens(text)
-                    parsers[i] = fmt.parser(text, j.tools)
+                    # under a grammar (response_format) all the model writes is the constrained answer
+                    parsers[i] = Parser(text) if j.params.grammar else fmt.parser(text, j.tools)
                 except EngineError as exc:  # a template that rejects these messages fails this line only
                     prompt = ""
                     jobs[i] = replace(j, error=f"line {j.line}: {exc.message}")

@@ -140,11 +140,14 @@ def generate(
                 {"role": "user", "content": prompt}
             ]
             fmt = engine.chat_format
+            if params.grammar and think is None and fmt.thinking_toggle:
+                think = False  # the grammar constrains every token: no room for thinking before the JSON
             text = engine.render_chat(messages, **template_args(fmt, enable_thinking=think,
                                                                  reasoning_effort=reasoning_effort))
             show_template_notes(engine)
             tokens = engine.prompt_tokens(text)
-            parser = fmt.parser(text)
+            # under a grammar all the model writes is the constrained answer, whatever the prompt opened
+            parser = Parser(text) if params.grammar else fmt.parser(text)
         last = None
         pieces = []
         out, err = sys.stdout, sys.stderr
