@@ -12,7 +12,7 @@ import pytest
 
 from moelocal.errors import EngineError
 from moelocal.formats import detect_format, probe, render_chat, render_raw, render_template
-from moelocal.formats.render import NOTE_SYSTEM, NOTE_TOOL_ROLE
+from moelocal.formats.render import NOTE_MERGED, NOTE_SYSTEM, NOTE_TOOL_ROLE
 
 # The listing is read at collection time (parametrize needs the names); the tests read the files
 # through the llama_assets fixture, which fails with the fix when the assets are missing.
@@ -78,9 +78,9 @@ def test_gemma2_takes_the_system_message_in_the_first_user_turn(llama_assets):
     with pytest.raises(EngineError, match="System role not supported"):
         render_template(template, PLAIN)  # as the model's authors wrote it
     text, notes = render_chat(detect_format(template), template, PLAIN)
-    assert text == ("<bos><start_of_turn>user\nYou are terse.\n\nHello there<end_of_turn>\n<start_of_turn>model\n"
+    assert text == ("<start_of_turn>user\nYou are terse.\n\nHello there<end_of_turn>\n<start_of_turn>model\n"
                     "Hi! How can I help?<end_of_turn>\n<start_of_turn>user\nTell me a joke<end_of_turn>\n"
-                    "<start_of_turn>model\n").replace("<bos>", "")
+                    "<start_of_turn>model\n")  # (bos_token is "" here: the engine passes the vocabulary's)
     assert notes == (NOTE_SYSTEM,)
     text, notes = render_chat(detect_format(template), template, WITH_TOOLS, tools=TOOLS)
     assert NOTE_TOOL_ROLE in notes
@@ -165,3 +165,21 @@ def test_templates_may_change_their_own_lists_never_the_callers():
     with pytest.raises(EngineError, match="unsafe"):
         render_template("{{ messages[0].update({'role': 'x'}) }}", msgs)
     assert msgs == [{"role": "user", "content": "hi"}]
+
+
+def test_consecutive_turns_are_joined_where_roles_must_alternate(llama_assets):
+    template = _template(llama_assets, "google-gemma-2-2b-it.jinja")
+    assert probe(template).alternating
+    text, notes = render_chat(detect_format(template), template, [
+        {"role": "user", "content": "One"}, {"role": "user", "content": "Two"}])
+    assert text == "<start_of_turn>user\nOne\n\nTwo<end_of_turn>\n<start_of_turn>model\n"
+    assert notes == (NOTE_MERGED,)
+
+
+def test_content_parts_become_text_where_the_template_reads_a_string(llama_assets):
+    template = _template(llama_assets, "Qwen-Qwen3-0.6B.jinja")
+    assert not probe(template).typed_content
+    parts = [{"type": "text", "text": "Hello "}, {"type": "image_url", "image_url": {"url": "x"}},
+             {"type": "text", "text": "there"}]
+    text, _ = render_chat(detect_format(template), template, [{"role": "user", "content": parts}])
+    assert text == "<|im_start|>user\nHello there<|im_end|>\n<|im_start|>assistant\n"
