@@ -307,3 +307,26 @@ def test_mistral_tool_calls_old_and_new(llama_assets):
     assert calls(msg) == [("get_weather", {"city": "Paris"}), ("get_time", {"zone": "Asia/Tokyo"})]
     thought = parse(ministral, "", f"[THINK]Weather.[/THINK][TOOL_CALLS]get_weather[ARGS]{PARIS}")
     assert thought.reasoning == "Weather." and calls(thought) == [("get_weather", {"city": "Paris"})]
+
+
+def test_qwen3_coder_drops_the_closer_of_a_call_that_skipped_its_opener(llama_assets):
+    fmt = detect_format(template(llama_assets, "Qwen3-Coder.jinja"))
+    out = ("Let me call it.\n<function=get_time>\n<parameter=zone>\nAsia/Tokyo\n</parameter>\n</function>\n"
+           "</tool_call>\n<tool_call>\n<function=get_weather>\n<parameter=city>\nParis\n</parameter>\n"
+           "<parameter=days>\n2\n</parameter>\n</function>\n</tool_call>")
+    msg = parse(fmt, "", out)
+    assert msg.content == "Let me call it."
+    assert calls(msg) == [("get_time", {"zone": "Asia/Tokyo"}), ("get_weather", {"city": "Paris", "days": 2})]
+    code = ("<tool_call>\n<function=run>\n<parameter=code>\ndef f():\n    return \"格\"\n\nf()\n</parameter>\n"
+            "</function>")
+    assert calls(parse(fmt, "", code, tools=None)) == [("run", {"code": 'def f():\n    return "格"\n\nf()'})]
+
+
+def test_gpt_oss_calls_to_tools_nobody_offered_are_left_out():
+    fmt = ChatFormat("harmony", "harmony")
+    out = ("<|channel|>analysis<|message|>I will run python.<|end|><|start|>assistant to=container.exec"
+           "<|channel|>commentary<|message|>python3 -c 'print(1)'")
+    assert parse(fmt, "<|start|>assistant", out) == Message("", "I will run python.")
+    final_json = ("<|channel|>analysis<|message|>JSON it is.<|end|><|start|>assistant<|channel|>final "
+                  '<|constrain|>json<|message|>{"amount": 1}')
+    assert parse(fmt, "<|start|>assistant", final_json) == Message('{"amount": 1}', "JSON it is.")

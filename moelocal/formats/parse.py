@@ -376,13 +376,15 @@ class _Unit:
 class _Tools:
     units: tuple[_Unit, ...]
     section: tuple[str, str] | None = None  # calls grouped in one section (DeepSeek, Kimi, MiniMax)
+    stray: tuple[str, ...] = ()  # closers left without their opener, dropped from the content
 
 
 TOOL_SYNTAX: dict[str, _Tools] = {
     "hermes": _Tools((_Unit("<tool_call>", "</tool_call>", "tool_call_tag"),)),
     "glm": _Tools((_Unit("<tool_call>", "</tool_call>", "tool_call_tag"),)),
+    # Qwen3-Coder models sometimes skip the first <tool_call> and go straight to <function=...>
     "qwen3-coder": _Tools((_Unit("<tool_call>", "</tool_call>", "tool_call_tag"),
-                           _Unit("<function=", "</function>", "coder", keep_begin=True))),
+                           _Unit("<function=", "</function>", "coder", keep_begin=True)), stray=("</tool_call>",)),
     "deepseek": _Tools((_Unit("<｜tool▁call▁begin｜>", "<｜tool▁call▁end｜>", "deepseek"),),
                        ("<｜tool▁calls▁begin｜>", "<｜tool▁calls▁end｜>")),
     "kimi": _Tools((_Unit("<|tool_call_begin|>", "<|tool_call_end|>", "kimi"),),
@@ -448,10 +450,14 @@ class TaggedParser(Parser):
                 self.pos = len(text) - keep
                 return
             if self.state == "content":
-                openers = self._openers()
+                stray = self.syntax.stray if self.syntax is not None and self.calls else ()
+                openers = self._openers() + stray
                 j, marker = _first(text, openers, i)
                 if j >= 0:
                     self.content.add(text[i:j], deltas)
+                    if marker in stray:
+                        self.pos = j + len(marker)
+                        continue
                     if self.syntax is not None and self.syntax.section is not None:
                         self.pos = j + len(marker)
                         self.state = "section"
@@ -554,16 +560,18 @@ class HarmonyParser(Parser):
                 continue
             if self.state == "body":
                 j, marker = _first(text, self.ENDS + self.STARTS, i)
-                if self.kind == "tool":
+                if self.kind in ("tool", "builtin"):
                     if j < 0 and not final:
                         return
                     body = text[i:j if j >= 0 else len(text)]
                     try:
                         args = _arguments(_json_object(body))
                     except ValueError:
-                        self.content.add(body, deltas)
+                        if self.kind == "tool":
+                            self.content.add(body, deltas)  # not JSON: the model's text, as it wrote it
                     else:
-                        self._call(self.recipient, args, deltas)
+                        if self.kind == "tool":
+                            self._call(self.recipient, args, deltas)
                 else:
                     out = self.reasoning if self.kind == "reasoning" else self.content
                     if j < 0:
@@ -586,9 +594,13 @@ class HarmonyParser(Parser):
         recipient = m.group(1) if m else ""
         m = re.search(r"<\|channel\|>\s*([A-Za-z_]+)", header)
         channel = m.group(1) if m else ""
-        if recipient and recipient != "assistant" and not recipient.startswith("user"):
+        if recipient.startswith("functions."):
             self.kind = "tool"
-            self.recipient = recipient[len("functions."):] if recipient.startswith("functions.") else recipient
+            self.recipient = recipient[len("functions."):]
+        elif recipient and recipient not in ("assistant", "user"):
+            # a built-in tool nobody offered (python, browser.search, container.exec): neither the answer
+            # nor a call the client could run, so it is left out (as llama-server does)
+            self.kind = "builtin"
         elif channel == "analysis":
             self.kind = "reasoning"
             self.reasoning.segment()
