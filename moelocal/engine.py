@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import json
 import os
 import random
 import signal
@@ -20,21 +19,15 @@ import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from moelocal import config, native, rpc
 from moelocal.errors import EngineError, UsageError
+from moelocal.formats import CHATML_TEMPLATE, ChatFormat, detect_format, render_template
+from moelocal.formats import render_chat as _render_chat
 from moelocal.plan import DeviceMemory, Plan
 
-# ChatML: the fallback when a model carries no chat template of its own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Buffers llama.cpp reports may differ from the plan by this share before anyone is warned
 # (the planner keeps the same share of every device free), and always by this many bytes: the
 # log rounds to 0.01 MiB and small models have fixed costs the memory model does not itemize.
@@ -260,43 +253,7 @@ def fit_messages(
 # ---- chat templates --------------------------------------------------------------------------
 
 
-def render_template(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                    bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
-    """Render a Hugging Face style chat template in Jinja's immutable sandbox (templates come with
-    downloaded models: they must not reach Python objects or mutate anything)."""
-    import jinja2
-
-    try:
-        tmpl = _jinja_env().from_string(template)
-        return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token, **extra)
-    except jinja2.TemplateError as exc:  # syntax errors, raise_exception(), sandbox violations
-        raise EngineError(f"the model's chat template failed: {exc}",
-                          "the GGUF's tokenizer.chat_template is broken; report it to the model's authors") from None
-
-
-_ENV = None
-
-
-def _jinja_env():
-    global _ENV
-    if _ENV is None:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.TemplateError(message)
-
-        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-            # transformers' tojson: plain JSON, not HTML-escaped (templates render tool schemas with it)
-            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = tojson
-        _ENV = env
-    return _ENV
+# render_template and CHATML_TEMPLATE live in moelocal.formats (imported above): engine.py is about tokens.
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -403,6 +360,10 @@ class Engine:
         self._checkpoint: tuple[list[int], bytearray] | None = None
         self._interrupted = False  # Ctrl-C during a prompt (_interruptible)
         self._template: str | None = None
+        self._specials: tuple[str, ...] | None = None
+        self._format: ChatFormat | None = None
+        self.template_notes: list[str] = []  # adaptations the template needed, each once (new_notes())
+        self._notes_shown = 0
         self.recommended: dict[str, float | int] = {}  # the GGUF's general.sampling.* (SamplingParams fields)
         self.n_vocab = 0
         self._piece = ctypes.create_string_buffer(256)
@@ -596,11 +557,13 @@ class Engine:
             n = lc.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        n = self._to_piece(self._vocab, token, self._piece, 256, 0, False)
+    def token_bytes(self, token: int, special: bool = True) -> bytes:
+        """A token's bytes. Special tokens are rendered (``<|channel|>``, ``<think>``): the conversation
+        formats read them; llama.cpp's ``special=False`` would drop control tokens silently."""
+        n = self._to_piece(self._vocab, token, self._piece, 256, 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
-            n = self._to_piece(self._vocab, token, big, -n, 0, False)
+            n = self._to_piece(self._vocab, token, big, -n, 0, special)
             return big[:n]
         return self._piece[:n]
 
@@ -627,17 +590,54 @@ class Engine:
     def has_own_template(self) -> bool:
         return self.chat_template != CHATML_TEMPLATE
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        lc = native.llama()
-        return render_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
-            eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
-        )
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The text of every control and user-defined token of the vocabulary (read once)."""
+        if self._specials is None:
+            lc = native.llama()
+            wanted = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+            n = lc.llama_vocab_n_tokens(self._vocab)
+            get_attr, text = lc.llama_vocab_get_attr, self._token_text
+            self._specials = tuple(text(t) for t in range(n) if get_attr(self._vocab, t) & wanted)
+        return self._specials
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How this model lays out reasoning and tool calls (moelocal.formats.detect_format)."""
+        if self._format is None:
+            # the vocabulary decides only where the model has no template of its own (detect_format), and
+            # reading it costs a call per token (0.4 s for 152k tokens): only then
+            specials = () if self.has_own_template else self.special_tokens
+            self._format = detect_format(self.chat_template, specials)
+        return self._format
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, **template_args: Any) -> str:
+        """The conversation through the model's template (moelocal.formats.render_chat); adaptations
+        it needed are added to ``template_notes``. ``template_args``: enable_thinking, reasoning_effort ..."""
+        lc = native.llama()
+        text, notes = _render_chat(
+            self.chat_format, self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
+            eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)), **template_args,
+        )
+        self.template_notes.extend(n for n in notes if n not in self.template_notes)
+        return text
+
+    def new_notes(self) -> list[str]:
+        """Template notes not returned before: each is shown to people once."""
+        out = self.template_notes[self._notes_shown:]
+        self._notes_shown = len(self.template_notes)
+        return out
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    **template_args: Any) -> list[int]:
         """The conversation rendered by the template and tokenized, with one BOS at most."""
-        text = self.render_chat(messages)
+        text = self.render_chat(messages, tools=tools, **template_args)
+        return self.prompt_tokens(text)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """A rendered prompt's tokens (special tokens parsed), with one BOS at most."""
         tokens = self.tokenize(text, add_special=True, parse_special=True)
         bos = native.llama().llama_vocab_bos(self._vocab)
         if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:

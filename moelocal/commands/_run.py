@@ -288,3 +288,42 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 def for_terminal(text: str) -> str:
     """Model output with control characters removed: an ESC from a model must not drive the terminal."""
     return _CONTROL.sub("", text)
+
+
+# ---- reasoning (the conversation formats) ---------------------------------------------------
+
+_REASON = "Reasoning"
+EFFORTS = ("low", "medium", "high")
+ReasoningEffortOpt = Annotated[str | None, typer.Option(
+    "--reasoning-effort", help="How hard a model that takes a reasoning_effort thinks (gpt-oss): low, medium or "
+    "high. Default: the template's.", rich_help_panel=_REASON, show_default=False)]
+ThinkOpt = Annotated[bool | None, typer.Option(
+    "--think/--no-think", help="Turn thinking on or off for models whose template has a switch "
+    "(enable_thinking: Qwen3, DeepSeek-V3.1, GLM). Default: the template's.", rich_help_panel=_REASON,
+    show_default=False)]
+
+
+def template_args(fmt, *, enable_thinking: bool | None, reasoning_effort: str | None,
+                  say: bool = True) -> dict[str, object]:
+    """The template variables for --think/--no-think and --reasoning-effort, given what the template
+    reads (a ChatFormat); a setting the template ignores is said once (``say``) and left out."""
+    if reasoning_effort is not None and reasoning_effort not in EFFORTS:
+        raise UsageError(f"unknown reasoning effort {reasoning_effort!r}", "use low, medium or high")
+    out: dict[str, object] = {}
+    if enable_thinking is not None:
+        if fmt.thinking_toggle:
+            out["enable_thinking"] = enable_thinking
+        elif say:
+            warn("this model's chat template has no switch for thinking (enable_thinking); --think is ignored")
+    if reasoning_effort is not None:
+        if fmt.effort:
+            out["reasoning_effort"] = reasoning_effort
+        elif say:
+            warn("this model's chat template takes no reasoning_effort; --reasoning-effort is ignored")
+    return out
+
+
+def show_template_notes(engine) -> None:
+    """What the chat template needed adapting (a system role it lacks ...), each said once."""
+    for text in engine.new_notes():
+        note(f"({text})")
