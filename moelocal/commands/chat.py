@@ -334,7 +334,6 @@ class _Answer:
         self.show_text = show
         self.thinking = False  # between the first reasoning delta and the end of reasoning
         self.written = ""  # what is on the screen of the thinking, to count its rows
-        self.wrote_answer = False
 
     def show(self, deltas, chunk) -> None:
         for d in deltas:
@@ -344,7 +343,6 @@ class _Answer:
             self._fold(chunk)
             text = d.text if d.kind == "content" else f"[tool call {d.call.name} {d.call.arguments}]\n"
             self.out.write(for_terminal(text) if self.tty else text)
-            self.wrote_answer = True
         self.out.flush()
 
     def close(self, chunk) -> None:
