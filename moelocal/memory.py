@@ -1177,21 +1177,49 @@ def _offload_batch(t: _T) -> int:
 # ---- per device ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reference:
+    """llama.cpp's own figures for the whole model on the CPU at one set of options (its no_alloc
+    dry run, oracle.py): what :func:`estimate` bills instead of its own where they differ."""
+
+    weights: int
+    kv: int  # KV cache and recurrent state
+    compute: int
+    output: int
+
+
 def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
-             gpu_backend: str | Mapping[str, str] = "cuda") -> dict[str, DeviceMemory]:
+             gpu_backend: str | Mapping[str, str] = "cuda",
+             reference: Reference | None = None) -> dict[str, DeviceMemory]:
     """Bytes each device ("cpu", "gpu0", ...) needs to run ``summary`` placed as ``placement``.
 
     ``gpu_backend`` (cuda, rocm, vulkan, metal, rpc ..., or one per device as ``{"gpu0": "cuda",
     "rpc0": "rpc"}``) sets the fixed overhead per GPU and whether llama.cpp's op offloading copies
     host weights in (CUDA, ROCm, Vulkan do; Metal and RPC do not).
     ``options.swa_full`` mirrors llama_context_params.swa_full, which the engine sets from it.
+
+    ``reference`` (llama.cpp's CPU-only figures at ``options``) overrides the model where the two
+    differ: CPU only, its KV cache and compute buffer are billed as they are; split over
+    devices, the KV cache is llama.cpp's total spread over the layers in the proportions of this
+    model (:func:`kv_bytes_by_layer`; evenly where this model has none), and every device that runs
+    repeating layers gets what this model's CPU compute buffer falls short of llama.cpp's on top of
+    its own (never less than the model says). Weights are always the tensors' bytes where
+    :mod:`moelocal.layout` puts them.
     """
     weights = layout.bytes_by_device(summary, placement)
     layer_dev = layout.layer_devices(summary.n_layer, placement)
     kv: dict[str, int] = {}
-    for il, n in enumerate(kv_bytes_by_layer(summary, options)):
+    for il, n in enumerate(_kv_by_layer(summary, options, reference)):
         kv[layer_dev[il]] = kv.get(layer_dev[il], 0) + n
     compute = compute_by_device(summary, placement, options, gpu_backend)
+    if reference is not None:
+        own_cpu = compute_bytes(summary, options)
+        if set(compute) == {CPU}:
+            compute = {CPU: reference.compute}
+        else:
+            short = max(0, reference.compute - own_cpu)
+            for d in {layer_dev[il] for il in range(summary.n_layer)}:
+                compute[d] = compute.get(d, 0) + short
     # the engine opens the plan's devices only when layers go there; each then has a backend context
     on_gpu = bool(placement.devices) and placement.n_gpu_layers > 0
     out = {}
@@ -1199,10 +1227,27 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
         on_device = on_gpu and d != CPU and d in placement.devices
         out[d] = DeviceMemory(
             weights=weights.get(d, 0), kv=kv.get(d, 0), compute=compute.get(d, 0),
+            # the logits buffer is exact here; llama.cpp reports it only to 0.01 MiB
             output=output_bytes(summary, options) if d == CPU else 0,
             overhead=backend_overhead(_backend_of(gpu_backend, d)) if on_device else 0,
         )
     return out
+
+
+def _kv_by_layer(summary: ModelSummary, options: RunOptions, reference: Reference | None) -> tuple[int, ...]:
+    """kv_bytes_by_layer, rescaled to llama.cpp's total where a reference gives one."""
+    own = kv_bytes_by_layer(summary, options)
+    if reference is None or sum(own) == reference.kv:
+        return own
+    total = sum(own)
+    if total == 0:  # llama.cpp keeps a state this model does not know of: spread it over the layers it runs
+        n_run = _model(summary).n_layer
+        own = tuple(1 if il < n_run else 0 for il in range(len(own)))
+        total = sum(own)
+    out = [reference.kv * n // total for n in own]
+    last = max(i for i, n in enumerate(own) if n) if any(own) else 0
+    out[last] += reference.kv - sum(out)  # the rounding, so that the total is llama.cpp's to the byte
+    return tuple(out)
 
 
 def _backend_of(gpu_backend: str | Mapping[str, str], device: str) -> str:
