@@ -58,24 +58,39 @@ KEY_DEFAULTS: dict[str, Any] = {
     "attention.group_norm_epsilon": 1e-5, "attention.group_norm_groups": 1, "attention.q_lora_rank": 128,
     "attention.kv_lora_rank": 64, "attention.key_length_mla": 96, "attention.value_length_mla": 64,
     "attention.sliding_window": 128, "attention.causal": True, "rope.dimension_count": 64,
-    "rope.freq_base": 10000.0, "ssm.conv_kernel": 4, "ssm.inner_size": 512, "ssm.state_size": 16,
+    "rope.freq_base": 10000.0, "ssm.conv_kernel": 4, "ssm.inner_size": 128, "ssm.state_size": 16,
     "ssm.time_step_rank": 8, "ssm.group_count": 1, "wkv.head_size": 64, "full_attention_interval": 4,
     "interleave_moe_layer_step": 1, "moe_every_n_layers": 1, "nextn_predict_layers": 0, "vocab_size": 512,
     "shortconv.l_cache": 3, "kda.head_dim": 64, "attention.indexer.head_count": 2,
     "attention.indexer.key_length": 64, "attention.indexer.top_k": 64, "expert_gating_func": 1,
+    # multimodal RoPE: four sections of the rotated half-head (rope.dimension_count / 2)
+    "rope.dimension_sections": [11, 11, 10, 0],
 }
 # Per-architecture keys the loader does not ask for but the model needs to be an MoE model of that
 # architecture (archs that are dense unless told otherwise), or to get past a check of its own.
 _MLA = {"attention.head_count_kv": 1, "attention.q_lora_rank": 128, "attention.kv_lora_rank": 64,
         "attention.key_length": 96, "attention.value_length": 64, "attention.key_length_mla": 96,
         "attention.value_length_mla": 64, "rope.dimension_count": 32}
+# gated delta nets (Qwen3.5 style): key heads of ssm.state_size, value heads (time_step_rank) of the
+# same size, d_inner = the value heads' width
+_DELTA = {"ssm.state_size": 32, "ssm.group_count": 4, "ssm.time_step_rank": 8, "ssm.inner_size": 256,
+          "ssm.conv_kernel": 4, "full_attention_interval": 4, "rope.dimension_count": 16,
+          "rope.dimension_sections": [3, 3, 2, 0], "attention.key_length": 64, "attention.value_length": 64}
 ARCH_KEYS: dict[str, dict[str, Any]] = {
+    "qwen35moe": _DELTA, "qwen3next": _DELTA, "qwen4exp": {**_DELTA, "hyper_connection.count": 2},
     "deepseek2": _MLA, "mistral4": _MLA, "deepseek32": _MLA, "glm-dsa": _MLA,
-    "deepseek4": {**_MLA, "expert_gating_func": 4},  # its loader wants sqrt-softplus routing
-    "qwen4exp": {"hyper_connection.count": 2},
+    "deepseek4": {**_MLA, "expert_gating_func": 4,  # its loader wants sqrt-softplus routing
+                  "attention.compress_ratios": [0, 4, 128, 0], "hyper_connection.count": 4,
+                  "attention.value_length": 96, "attention.value_length_mla": 96},
+    "dots3note": _MLA,
     "bailingmoe3": {"kda.gate_lower_bound": -5.0},
-    "glm5-next": {"attention.indexer.kpool": 4, "attention.indexer.top_k": 64},
+    "glm5-next": {**_MLA, "attention.indexer.kpool": 4, "attention.indexer.top_k": 64, "hyper_connection.count": 4,
+                  "rope.dimension_count": 0, "attention.key_length": 64, "attention.key_length_mla": 64},
     "nomic-bert-moe": {"tokenizer.ggml.token_type_count": 2},
+    # an optional key their shared expert's width comes from
+    "nemotron_h": {"expert_shared_feed_forward_length": 256},
+    "dflash": {"target_layers": [0, 1]},  # a draft model: which of its target's layers it reads
+    "nemotron_h_moe": {"expert_shared_feed_forward_length": 256},
 }
 
 _KEY_MISSING = re.compile(r"key not found in model: (\S+)")
@@ -98,8 +113,7 @@ class Recipe:
 
     def to_json(self) -> dict:
         """Without the vocabulary (the same for every recipe: see :func:`from_json`)."""
-        return {"arch": self.arch, "metadata": {k: list(v) for k, v in self.metadata.items()
-                                                if not k.startswith("tokenizer.")},
+        return {"arch": self.arch, "metadata": {k: list(v) for k, v in self.metadata.items() if k not in _VOCAB_KEYS},
                 "tensors": {k: [list(s), t] for k, (s, t) in self.tensors.items()}}
 
     @classmethod
@@ -225,6 +239,8 @@ def _typed(key: str, value: Any) -> tuple[str, Any]:
 def _default(key: str) -> Any:
     if key in KEY_DEFAULTS:
         return KEY_DEFAULTS[key]
+    if key.endswith("_swa"):  # the sliding-window layers' own value: the same as the others'
+        return _default(key[:-4])
     last = key.rsplit(".", 1)[-1]
     if "epsilon" in last or last.endswith("_eps"):
         return 1e-5
@@ -247,13 +263,18 @@ def _convert(value: Any, t: str) -> Any:
     return int(value)
 
 
+_VOCAB_KEYS = {"general.name", "tokenizer.ggml.model", "tokenizer.ggml.pre", "tokenizer.ggml.tokens",
+               "tokenizer.ggml.token_type", "tokenizer.ggml.merges", "tokenizer.ggml.bos_token_id",
+               "tokenizer.ggml.eos_token_id"}
+
+
 def _vocab(recipe: Recipe, n_vocab: int = 512) -> None:
     from moelocal.testmodels import vocabulary
 
     tokens, types, merges = vocabulary()
     pad = max(0, n_vocab - len(tokens))
     md = recipe.metadata
-    md["general.name"] = ("str", f"archgen {recipe.arch}")
+    md.setdefault("general.name", ("str", f"archgen {recipe.arch}"))
     md["tokenizer.ggml.model"] = ("str", "gpt2")
     md["tokenizer.ggml.pre"] = ("str", "default")
     md["tokenizer.ggml.tokens"] = ("arr:str", list(tokens) + [f"<|filler_{i}|>" for i in range(pad)])
@@ -297,6 +318,20 @@ def try_load(path: Path) -> str | None:
     return native.last_error(lines) or "llama.cpp could not load it"
 
 
+def _check_context(recipe: Recipe, path: Path) -> None:
+    """A context can be made too (llama.cpp builds the worst-case graph): an abort here ends the process."""
+    from moelocal.errors import EngineError
+    from moelocal.measure import measure
+    from moelocal.plan import RunOptions
+
+    for o in (RunOptions(n_ctx=1024, n_ubatch=128, flash_attn=True),
+              RunOptions(n_ctx=2048, n_ubatch=256, flash_attn=False, n_seq=2)):
+        try:
+            measure(path, None, o)
+        except EngineError as exc:
+            raise LearnError(f"{recipe.arch}: {exc.message}") from None
+
+
 class LearnError(Exception):
     """The loader said something the generator does not know how to answer."""
 
@@ -309,7 +344,8 @@ def learn(arch: str, work: str | os.PathLike[str], *, max_steps: int = 600,
     start = {"block_count": N_LAYER, "embedding_length": N_EMBD, "context_length": 4096,
              "feed_forward_length": 512, "attention.head_count": 4, "attention.head_count_kv": 2,
              "attention.layer_norm_rms_epsilon": 1e-6, "expert_count": 4, "expert_used_count": 2,
-             "expert_feed_forward_length": 256, "vocab_size": 512, **ARCH_KEYS.get(arch, {}), **(keys or {})}
+             "expert_feed_forward_length": 256, "vocab_size": 512, "expert_gating_func": 1,
+             **ARCH_KEYS.get(arch, {}), **(keys or {})}
     for k, v in start.items():
         recipe.metadata[f"{arch}.{k}" if not k.startswith(("general.", "tokenizer.")) else k] = _typed(k, v)
     path = Path(work) / f"{arch}.gguf"
@@ -318,6 +354,7 @@ def learn(arch: str, work: str | os.PathLike[str], *, max_steps: int = 600,
         write(recipe, path)
         err = try_load(path)
         if err is None:
+            _check_context(recipe, path)
             return recipe, step
         if err == last and not _TENSOR_MISSING.search(err):
             raise LearnError(f"{arch}: stuck at: {err}")
@@ -363,6 +400,8 @@ def _answer(recipe: Recipe, err: str) -> bool:
     if m := _TENSOR_SHAPE.search(err):
         name = m.group(1)
         shape = tuple(int(x) for x in m.group(2).replace(" ", "").split(",") if x)
+        if min(shape) <= 0:  # derived from a key the loader did not ask for: ARCH_KEYS must give it
+            raise LearnError(f"{arch}: {name} would be {shape}: a hyperparameter is missing (see ARCH_KEYS)")
         recipe.tensors[name] = (shape, _ggml_type(name, shape))
         return True
     if m := _TENSOR_MISSING.search(err):
@@ -384,14 +423,72 @@ def _answer(recipe: Recipe, err: str) -> bool:
     return False
 
 
+# What to try when a model loads but llama.cpp cannot build its graph (an abort, a crash): some
+# graphs need as many KV heads as query heads (Q/K norms over the whole width), or a gating function
+# the file must state
+PROFILES: tuple[dict[str, Any], ...] = (
+    {}, {"attention.head_count_kv": 4}, {"expert_gating_func": 2}, {"attention.head_count_kv": 4,
+                                                                     "expert_gating_func": 2},
+)
+
+
+def learn_isolated(arch: str, timeout: float = 300) -> dict:
+    """:func:`learn` in a child process (llama.cpp may abort), trying :data:`PROFILES` in turn: the
+    recipe as JSON, or {"error": ...}."""
+    errors = []
+    for keys in PROFILES:
+        d = _learn_child(arch, keys, timeout)
+        if "error" not in d:
+            return d
+        errors.append(d["error"])
+        if "aborts" not in d["error"] and "crashes" not in d["error"] and "context" not in d["error"]:
+            break  # the loader itself gave up: other keys will not help
+    return {"arch": arch, "error": errors[0]}
+
+
+def _learn_child(arch: str, keys: dict[str, Any], timeout: float) -> dict:
+    import subprocess
+
+    here = str(Path(__file__).resolve().parent.parent)
+    env = {**os.environ, "PYTHONPATH": here + os.pathsep + os.environ.get("PYTHONPATH", ""),
+           "GGML_NO_BACKTRACE": "1"}
+    try:
+        proc = subprocess.run([sys.executable, "-m", "moelocal.archgen", arch, "--keys", json.dumps(keys)],
+                              capture_output=True, text=True, timeout=timeout, env=env)
+    except subprocess.TimeoutExpired:
+        return {"arch": arch, "error": f"learning took more than {timeout:.0f} s"}
+    for line in reversed(proc.stdout.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    why = next((ln.strip() for ln in proc.stderr.splitlines() if "GGML_ASSERT" in ln or ": error" in ln), "")
+    if why:
+        return {"arch": arch, "error": "llama.cpp aborts: " + why.rsplit("/", 1)[-1]}
+    return {"arch": arch, "error": f"llama.cpp crashes (exit code {proc.returncode})"}
+
+
+def learn_all(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[str, dict]:
+    """Learn every MoE architecture of llama.cpp's sources ``src`` and write the recipes to ``out``."""
+    recipes = {}
+    for arch in moe_architectures(src):
+        recipes[arch] = learn_isolated(arch)
+        print(f"{arch}: {recipes[arch].get('error') or 'ok'}", file=sys.stderr)
+    Path(out).write_text(json.dumps(recipes, indent=0, sort_keys=True) + "\n")
+    return recipes
+
+
 def main(argv: list[str] | None = None) -> None:
-    """``python -m moelocal.archgen ARCH [WORKDIR]``: learn ARCH and print its recipe as JSON."""
+    """``python -m moelocal.archgen ARCH [--keys JSON]``: learn ARCH and print its recipe as JSON;
+    ``python -m moelocal.archgen --all LLAMA_SRC OUT.json``: every MoE architecture of LLAMA_SRC."""
     import tempfile
 
     args = sys.argv[1:] if argv is None else argv
+    if args and args[0] == "--all":
+        learn_all(args[1], args[2])
+        return
+    keys = json.loads(args[args.index("--keys") + 1]) if "--keys" in args else None
     with tempfile.TemporaryDirectory() as tmp:
         try:
-            recipe, steps = learn(args[0], args[1] if len(args) > 1 else tmp)
+            recipe, steps = learn(args[0], tmp, keys=keys)
         except LearnError as exc:
             print(json.dumps({"arch": args[0], "error": str(exc)}))
             return

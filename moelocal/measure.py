@@ -71,7 +71,7 @@ def measure(
         try:
             model = lc.llama_model_load_from_file(os.fsencode(os.fspath(path)), mp)
             if not model:
-                raise EngineError(f"llama.cpp could not load {label}: {native.last_error(lines) or 'see its log'}")
+                raise EngineError(f"llama.cpp could not load {label}: {load_error(lines)}")
             ctx = lc.llama_init_from_model(model, native.context_params(options, n_threads=1))  # nothing is computed
             if not ctx:
                 why = native.last_error(lines) or "see its log"
@@ -109,6 +109,17 @@ def measure(
     out = {dev: DeviceMemory(**v) for dev, v in acc.items()}
     out.setdefault(CPU, DeviceMemory())
     return out
+
+
+def load_error(lines) -> str:
+    """Why llama.cpp's loader gave up, from its log: the "error loading model: X" line (its last
+    error line is only "failed to load model")."""
+    from moelocal import native
+
+    for _level, line in lines:
+        if "error loading model: " in line:
+            return line.split("error loading model: ", 1)[1].strip() or "see its log"
+    return native.last_error(lines) or "see its log"
 
 
 def write_sparse(prefix: bytes, size: int, dest: str | os.PathLike[str]) -> Path:

@@ -1203,8 +1203,8 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
     devices, the KV cache is llama.cpp's total spread over the layers in the proportions of this
     model (:func:`kv_bytes_by_layer`; evenly where this model has none), and every device that runs
     repeating layers gets what this model's CPU compute buffer falls short of llama.cpp's on top of
-    its own (never less than the model says). Weights are always the tensors' bytes where
-    :mod:`moelocal.layout` puts them.
+    its own (never less than the model says). Weights are the tensors' bytes where
+    :mod:`moelocal.layout` puts them (CPU only: at least what llama.cpp holds).
     """
     weights = layout.bytes_by_device(summary, placement)
     layer_dev = layout.layer_devices(summary.n_layer, placement)
@@ -1216,6 +1216,9 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
         own_cpu = compute_bytes(summary, options)
         if set(compute) == {CPU}:
             compute = {CPU: reference.compute}
+            # llama.cpp holds more than the file's tensors (gemma4 copies its tied output head even
+            # on the CPU): bill what it holds. Split over devices, layout counts the head's copy already.
+            weights[CPU] = weights.get(CPU, 0) + max(0, reference.weights - sum(weights.values()))
         else:
             short = max(0, reference.compute - own_cpu)
             for d in {layer_dev[il] for il in range(summary.n_layer)}:

@@ -22,6 +22,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -154,9 +155,7 @@ def reference(summary: ModelSummary, options: RunOptions) -> memory.Reference | 
     if answer is None:
         return None
     if "error" in answer:
-        raise Unloadable(_unloadable_message(summary, answer),
-                         "moelocal plans only what its llama.cpp can run; a newer llama-cpp-python may load it"
-                         if answer.get("stage") == "load" else "check the options (--ctx, --ubatch, --kv-type)")
+        raise Unloadable(_unloadable_message(summary, answer), _hint(answer))
     return memory.Reference(**{k: int(answer[k]) for k in ("weights", "kv", "compute", "output")})
 
 
@@ -168,8 +167,18 @@ def for_summary(summary: ModelSummary) -> Callable[[RunOptions], memory.Referenc
 def _unloadable_message(summary: ModelSummary, answer: dict) -> str:
     what = "cannot load" if answer.get("stage") == "load" else "cannot run"
     label = Path(summary.files[0]).name if summary.files else summary.name
+    # "check_tensor_dims: tensor 'x' has wrong shape; expected    256,    256" -> "tensor 'x' ... 256, 256"
+    why = re.sub(r"\s+", " ", re.sub(r"^(\w+: )+(?=\w+ )", "", answer["error"].strip()))
     return (f"llama.cpp (llama-cpp-python {llama_cpp_version()}) {what} {label} "
-            f"(architecture {summary.architecture}): {answer['error']}")
+            f"(architecture {summary.architecture}): {why}")
+
+
+def _hint(answer: dict) -> str:
+    if answer.get("stage") != "load":
+        return "check the options (--ctx, --ubatch, --kv-type; a quantized V cache needs flash attention)"
+    if "unknown model architecture" in answer["error"]:
+        return "moelocal plans only what its llama.cpp can run; a newer llama-cpp-python may know it"
+    return "the file may be damaged or made for another llama.cpp; download it again or ask its publisher"
 
 
 def describe(summary: ModelSummary, options: RunOptions, ref: memory.Reference | None) -> dict:
@@ -207,15 +216,18 @@ def _model_file(summary: ModelSummary, tmp: Path) -> Path:
     return out
 
 
-def _run(work: list[tuple[str, str, RunOptions]]) -> list[tuple[str, dict | None]]:
-    """Answers for (key, model file, options), here if llama.cpp is loaded already, else in a child."""
-    if "llama_cpp" in sys.modules:
+def _run(work: list[tuple[str, str, RunOptions]], child: bool | None = None) -> list[tuple[str, dict | None]]:
+    """Answers for (key, model file, options): here if llama.cpp is loaded already, else (or with
+    ``child``) in a child process, restarted after a llama.cpp abort with the jobs left."""
+    if child is None:
+        child = "llama_cpp" not in sys.modules
+    if not child:
         return [(key, _dry_run(path, options)) for key, path, options in work]
     out: list[tuple[str, dict | None]] = []
     while work:
         job = json.dumps([[key, path, asdict(options)] for key, path, options in work])
         proc = subprocess.run([sys.executable, "-m", "moelocal.oracle"], input=job, capture_output=True, text=True,
-                              env={**os.environ, "PYTHONPATH": _pythonpath()})
+                              env={**os.environ, "PYTHONPATH": _pythonpath(), "GGML_NO_BACKTRACE": "1"})
         answers = {}
         for line in proc.stdout.splitlines():
             if line.startswith("{"):
@@ -229,11 +241,11 @@ def _run(work: list[tuple[str, str, RunOptions]]) -> list[tuple[str, dict | None
         rest = [w for w in work if w[0] not in answers]
         if not rest:
             break
-        if proc.returncode == 0 or not _crashed(proc.stderr):
+        if proc.returncode == 0 or not (proc.returncode < 0 or _crashed(proc.stderr)):
             out += [(w[0], None) for w in rest]  # llama.cpp could not be asked here: fall back to the model
             break
         # the first job without an answer took the process down: that is its answer; go on with the rest
-        out.append((rest[0][0], {"error": _abort_line(proc.stderr), "stage": "load"}))
+        out.append((rest[0][0], {"error": _abort_line(proc.stderr, proc.returncode), "stage": "load"}))
         work = rest[1:]
     return out
 
@@ -250,11 +262,11 @@ def _crashed(stderr: str) -> bool:
         "Aborted" in stderr or "Segmentation" in stderr
 
 
-def _abort_line(stderr: str) -> str:
+def _abort_line(stderr: str, returncode: int = 0) -> str:
     for line in stderr.splitlines():
         if "GGML_ASSERT" in line or "error:" in line or "terminate called" in line:
             return "llama.cpp aborts on it: " + line.strip().rsplit("/", 1)[-1][:300]
-    return "llama.cpp aborts on it"
+    return "llama.cpp crashes on it" + (f" (signal {-returncode})" if returncode < 0 else "")
 
 
 def _dry_run(path: str, options: RunOptions) -> dict:
