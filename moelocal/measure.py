@@ -43,6 +43,7 @@ def measure(
     allocate: bool = False,
     extra_bufts: bool = False,
     named: Mapping[str, int] | None = None,
+    log: list | None = None,
 ) -> dict[str, DeviceMemory]:
     """Bytes per device ("cpu", "gpu0", ...) llama.cpp needs for ``path`` placed as ``placement``.
 
@@ -50,7 +51,8 @@ def measure(
     ``allocate=True`` loads for real (mmap), as the engine does; weights on the CPU are then the
     mapped range of the file. ``extra_bufts`` lets llama.cpp repack CPU weights (off by default:
     see engine.extra_bufts_default: the AMX trap). ``named`` maps plan device names to ggml devices that are
-    not in the registry (RPC workers' ``rpc0``, ... from native.rpc_add_server).
+    not in the registry (RPC workers' ``rpc0``, ... from native.rpc_add_server). ``log``, if given,
+    receives llama.cpp's (level, line) log of the load.
     """
     from moelocal import native
 
@@ -83,7 +85,9 @@ def measure(
             if model:
                 lc.llama_model_free(model)
     if by_buft is None and no_alloc:  # the map did not look as expected: read a real load's log instead
-        return measure(path, placement, options, allocate=True, extra_bufts=extra_bufts, named=named)
+        return measure(path, placement, options, allocate=True, extra_bufts=extra_bufts, named=named, log=log)
+    if log is not None:
+        log.extend(lines)
     report = native.parse_buffer_report(lines)
     devices = native.buffer_type_devices()
     for dev, handle in (named or {}).items():

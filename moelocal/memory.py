@@ -1186,6 +1186,7 @@ class Reference:
     kv: int  # KV cache and recurrent state
     compute: int
     output: int
+    kv_layers: tuple[int, ...] = ()  # the same per layer, as llama.cpp's log lays it out (adds up to kv)
 
 
 def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
@@ -1200,10 +1201,11 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
 
     ``reference`` (llama.cpp's CPU-only figures at ``options``) overrides the model where the two
     differ: CPU only, its KV cache and compute buffer are billed as they are; split over
-    devices, the KV cache is llama.cpp's total spread over the layers in the proportions of this
-    model (:func:`kv_bytes_by_layer`; evenly where this model has none), and every device that runs
-    repeating layers gets what this model's CPU compute buffer falls short of llama.cpp's on top of
-    its own (never less than the model says). Weights are the tensors' bytes where
+    devices, each layer's KV cache and recurrent state is llama.cpp's (``reference.kv_layers``, from
+    its log; else its total spread in the proportions of :func:`kv_bytes_by_layer`), and every
+    device with a compute buffer gets what this model's CPU compute buffer falls short of
+    llama.cpp's on top of its own, and at least llama.cpp's whole-graph buffer where the two differ
+    (a split of a graph this model does not rebuild is not trusted). Weights are the tensors' bytes where
     :mod:`moelocal.layout` puts them (CPU only: at least what llama.cpp holds).
     """
     weights = layout.bytes_by_device(summary, placement)
@@ -1220,9 +1222,17 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
             # on the CPU): bill what it holds. Split over devices, layout counts the head's copy already.
             weights[CPU] = weights.get(CPU, 0) + max(0, reference.weights - sum(weights.values()))
         else:
+            # what this model misses of llama.cpp's graph may run on any device that computes (the
+            # CPU included: it runs the input layer, and host-resident experts): each gets it on top
             short = max(0, reference.compute - own_cpu)
-            for d in {layer_dev[il] for il in range(summary.n_layer)}:
-                compute[d] = compute.get(d, 0) + short
+            for d in compute:
+                compute[d] += short
+            if own_cpu != reference.compute:
+                # a graph this model does not rebuild node for node: its split cannot be trusted
+                # either (ops a backend lacks fall back to the CPU, a device's part can peak where
+                # the model does not see it). The whole graph's buffer bounds what any part needs.
+                for d in compute:
+                    compute[d] = max(compute[d], reference.compute)
     # the engine opens the plan's devices only when layers go there; each then has a backend context
     on_gpu = bool(placement.devices) and placement.n_gpu_layers > 0
     out = {}
@@ -1240,7 +1250,11 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
 def _kv_by_layer(summary: ModelSummary, options: RunOptions, reference: Reference | None) -> tuple[int, ...]:
     """kv_bytes_by_layer, rescaled to llama.cpp's total where a reference gives one."""
     own = kv_bytes_by_layer(summary, options)
-    if reference is None or sum(own) == reference.kv:
+    if reference is None:
+        return own
+    if reference.kv_layers and sum(reference.kv_layers) == reference.kv and len(reference.kv_layers) <= len(own):
+        return tuple(reference.kv_layers) + (0,) * (len(own) - len(reference.kv_layers))
+    if sum(own) == reference.kv:
         return own
     total = sum(own)
     if total == 0:  # llama.cpp keeps a state this model does not know of: spread it over the layers it runs

@@ -37,7 +37,7 @@ from moelocal.gguf_model import ModelSummary
 from moelocal.plan import RunOptions
 
 # bump when what is cached changes meaning
-_CACHE_VERSION = 1
+_CACHE_VERSION = 2
 
 
 @lru_cache(maxsize=1)
@@ -156,7 +156,8 @@ def reference(summary: ModelSummary, options: RunOptions) -> memory.Reference | 
         return None
     if "error" in answer:
         raise Unloadable(_unloadable_message(summary, answer), _hint(answer))
-    return memory.Reference(**{k: int(answer[k]) for k in ("weights", "kv", "compute", "output")})
+    return memory.Reference(**{k: int(answer[k]) for k in ("weights", "kv", "compute", "output")},
+                            kv_layers=tuple(answer.get("kv_layers") or ()))
 
 
 def for_summary(summary: ModelSummary) -> Callable[[RunOptions], memory.Reference | None]:
@@ -274,8 +275,9 @@ def _dry_run(path: str, options: RunOptions) -> dict:
     from moelocal.errors import EngineError
     from moelocal.measure import measure
 
+    lines: list[tuple[int, str]] = []
     try:
-        mem = measure(path, None, options)
+        mem = measure(path, None, options, log=lines)
     except EngineError as exc:
         text = exc.message
         stage = "context" if "could not make a context" in text else "load"
@@ -287,7 +289,63 @@ def _dry_run(path: str, options: RunOptions) -> dict:
     for m in others.values():  # nothing should be elsewhere on a CPU-only load; count it if it is
         total = memory.DeviceMemory(weights=total.weights + m.weights, kv=total.kv + m.kv,
                                     compute=total.compute + m.compute, output=total.output + m.output)
-    return {"weights": total.weights, "kv": total.kv, "compute": total.compute, "output": total.output}
+    return {"weights": total.weights, "kv": total.kv, "compute": total.compute, "output": total.output,
+            "kv_layers": kv_by_layer(lines, total.kv)}
+
+
+_GQA = re.compile(r"print_info: n_embd_([kv])_gqa\s*=\s*(.+)$")
+_KV_LAYER = re.compile(r"llama_kv_cache: layer +(\d+): dev = ")
+_KV_SIZE = re.compile(r"llama_kv_cache: size = +([0-9.]+) MiB \( *(\d+) cells")
+_RS_LAYER = re.compile(r"llama_memory_recurrent, layer +(\d+): dev = ")
+_RS_SIZE = re.compile(r"llama_memory_recurrent: size = +([0-9.]+) MiB")
+
+
+def kv_by_layer(lines: Sequence[tuple[int, str]], total: int) -> list[int]:
+    """llama.cpp's KV cache and recurrent state per layer, from the log of its load: which layers
+    each KV cache holds and with how many cells (an iSWA model has two caches), each layer's K and
+    V widths, which layers keep a recurrent state; scaled so that they add up to ``total`` (the
+    exact figure of the breakdown). [] where the log does not say."""
+    widths: dict[str, list[int]] = {}
+    kv: dict[int, float] = {}
+    rs_layers: list[int] = []
+    pending: list[int] = []
+    kv_mib = rs_mib = 0.0
+    for _level, line in lines:
+        if m := _GQA.search(line):
+            widths[m.group(1)] = [int(x) for x in re.findall(r"\d+", m.group(2))]
+        elif m := _KV_LAYER.search(line):
+            pending.append(int(m.group(1)))
+        elif m := _KV_SIZE.search(line):
+            kv_mib += float(m.group(1))
+            cells = int(m.group(2))
+            for il in pending:
+                k, v = (_width(widths.get(x, []), il) for x in ("k", "v"))
+                kv[il] = kv.get(il, 0.0) + (k + v) * cells
+            pending = []
+        elif m := _RS_LAYER.search(line):
+            rs_layers.append(int(m.group(1)))
+        elif m := _RS_SIZE.search(line):
+            rs_mib += float(m.group(1))
+    if not kv and not rs_layers:
+        return []
+    n = max([*kv, *rs_layers]) + 1
+    kv_share = kv_mib / (kv_mib + rs_mib) if kv_mib + rs_mib > 0 else (1.0 if kv else 0.0)
+    weight = [0.0] * n
+    kv_sum = sum(kv.values())
+    for il, w in kv.items():
+        weight[il] += kv_share * w / kv_sum if kv_sum else 0.0
+    for il in rs_layers:
+        weight[il] += (1.0 - kv_share) / len(rs_layers)
+    out = [int(total * w) for w in weight]
+    if out and total:
+        out[max(range(n), key=lambda i: weight[i])] += total - sum(out)
+    return out
+
+
+def _width(values: list[int], il: int) -> int:
+    if not values:
+        return 1
+    return values[il] if il < len(values) else values[-1]
 
 
 def main() -> None:

@@ -15,6 +15,7 @@ graph node for node (memory.compute_is_exact), its own figures must be exact too
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 import pytest
@@ -238,3 +239,64 @@ def test_a_second_fit_asks_llama_cpp_nothing(arch_models, monkeypatch):
     other = _options(8192, 512, True, "f16", 1)
     with pytest.raises(pytest.fail.Exception):
         oracle.reference(summary, other)  # new options: a new question
+
+
+# ---- split over devices: llama.cpp's CPU figures spread by moelocal's model --------------------
+
+from test_memory import worker  # noqa: E402,F401  the loopback RPC worker: a real second device
+
+from moelocal import layout  # noqa: E402
+from moelocal.measure import measure  # noqa: E402
+
+SPLIT_ARCHS = ("llada-moe", "nemotron_h_moe", "cohere2moe", "qwen3vlmoe", "granitemoe", "minimax-01", "jamba",
+               "gemma4", "exaone-moe", "grok")
+
+
+def test_split_over_devices_never_bills_less_than_llama_cpp(arch_models, worker, capsys):  # noqa: F811
+    """Where moelocal does not rebuild an architecture, a plan over several devices bills llama.cpp's
+    CPU-only KV cache spread over the layers by moelocal's per-layer model, and moelocal's compute
+    buffers plus what they fall short of llama.cpp's on every device that runs layers. Against
+    llama.cpp's own figures per device (a loopback RPC worker as the second device): the KV cache of
+    each device is llama.cpp's, and no device is billed less than llama.cpp allocates there."""
+    o = _options(4096, 512, True, "f16", 1)
+    worst = 0.0
+    for arch in SPLIT_ARCHS:
+        path = arch_models[arch]
+        summary = read_summary(path)
+        n = summary.n_layer
+        ref = oracle.reference(summary, o)
+        for placement in (Placement(n_gpu_layers=n + 1, devices=("rpc0",)),
+                          Placement(n_gpu_layers=n + 1, n_cpu_moe=2, tensor_overrides=layout.n_cpu_moe_overrides(2),
+                                    devices=("rpc0",)),
+                          Placement(n_gpu_layers=2, devices=("rpc0",))):
+            real = measure(path, placement, o, named=worker)
+            est = memory.estimate(summary, placement, o, gpu_backend="rpc", reference=ref)
+            for dev in (CPU, "rpc0"):
+                assert est[dev].kv == real[dev].kv, (arch, placement, dev)  # per layer, from llama.cpp's log
+                billed, held = est[dev].kv + est[dev].compute, real[dev].kv + real[dev].compute
+                assert billed >= held, (arch, placement, dev, est[dev], real[dev])
+                assert abs(est[dev].weights - real[dev].weights) <= 0.02 * max(real[dev].weights, 1) + 64 * 1024
+                if held:
+                    worst = max(worst, (billed - held) / held)
+    with capsys.disabled():
+        print(f"\nsplit plans of {len(SPLIT_ARCHS)} architectures: KV + compute over-billed by at most "
+              f"{100 * worst:.1f}% per device")
+
+
+def test_a_hub_header_alone_is_asked_as_a_sparse_file(arch_models, monkeypatch):
+    """A model planned from the Hub has only its header (a prefix the range requests fetched): the
+    oracle writes it before a hole and asks llama.cpp, in a child process as `fit` does."""
+    from moelocal.gguf_model import parse_header, summarize
+
+    path = arch_models["qwen3vlmoe"]
+    data = path.read_bytes()
+    header = parse_header(data[: parse_header(data).data_offset], complete=False)
+    summary = summarize([header], ["org/repo/qwen3vlmoe-Q8_0.gguf"], path.stat().st_size)
+    assert summary.sources[0].path is None and summary.sources[0].raw is not None
+    o = _options(8192, 512, True, "f16", 1)
+    monkeypatch.delitem(sys.modules, "llama_cpp", raising=False)  # as in `fit`: llama.cpp not loaded here
+    ref = oracle.reference(summary, o)
+    monkeypatch.undo()
+    real = measure(path, Placement(), o)[CPU]
+    assert ref is not None and (ref.weights, ref.kv, ref.compute) == (real.weights, real.kv, real.compute)
+    assert sum(ref.kv_layers) == ref.kv and len(ref.kv_layers) == summary.n_layer
