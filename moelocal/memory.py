@@ -23,6 +23,9 @@ llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-ba
   flash-attention setting; see :func:`compute_bytes` for what is approximate.
 - **overhead**: a fixed allowance per GPU backend for what llama.cpp never reports (driver
   context, library workspaces), see :data:`BACKEND_OVERHEAD`.
+- **llama.cpp's own figures** (:class:`Reference`, from its dry run: oracle.py): where given,
+  :func:`estimate` bills llama.cpp's KV cache, recurrent state and compute buffer instead of its
+  own wherever the two differ, and spreads them over devices as :func:`estimate` says.
 """
 
 from __future__ import annotations

@@ -4,7 +4,8 @@ The architectures come from llama.cpp's sources (``llama-arch.cpp`` and the tens
 it, see archgen.architectures), so a llama.cpp with a new MoE architecture is a new case here, not
 an OOM at a user's. Each gets a header-only model learned from llama.cpp's own loader
 (moelocal.archgen; the recipes are kept in tests/data/arch_recipes.json and learned again, in a
-child process, for an architecture that is new or that this llama.cpp loads differently). For each,
+child process, for an architecture that is new or that this llama.cpp loads differently; rewrite
+the file with ``python -m moelocal.archgen --all .venv/share/llama.cpp/src tests/data/arch_recipes.json``). For each,
 at the corners of 2k-32k context, ubatch 128-2048, flash attention on and off, f16 and q8_0 KV and
 1 and 4 sequences, what ``fit`` bills (memory.estimate with llama.cpp's dry run as the oracle) is
 compared with llama.cpp's own no_alloc dry run: KV cache and recurrent state within 1%, the host
