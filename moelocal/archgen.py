@@ -472,8 +472,14 @@ def learn_all(src: str | os.PathLike[str], out: str | os.PathLike[str]) -> dict[
     for arch in moe_architectures(src):
         recipes[arch] = learn_isolated(arch)
         print(f"{arch}: {recipes[arch].get('error') or 'ok'}", file=sys.stderr)
-    Path(out).write_text(json.dumps(recipes, indent=0, sort_keys=True) + "\n")
+    write_recipes(recipes, out)
     return recipes
+
+
+def write_recipes(recipes: dict[str, dict], out: str | os.PathLike[str]) -> None:
+    """The recipes as JSON, one architecture a line (a new llama.cpp changes few lines)."""
+    lines = [f"{json.dumps(a)}: {json.dumps(recipes[a], separators=(',', ':'))}" for a in sorted(recipes)]
+    Path(out).write_text("{\n" + ",\n".join(lines) + "\n}\n")
 
 
 def main(argv: list[str] | None = None) -> None:
