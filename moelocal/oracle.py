@@ -196,7 +196,7 @@ def describe(summary: ModelSummary, options: RunOptions, ref: memory.Reference |
         return {**out, "source": "moelocal", "text": "moelocal's model (exact for this architecture: "
                 "llama.cpp's dry run agrees)"}
     why = f"{arch} not rebuilt by moelocal" if not exact else f"moelocal's rebuild of {arch} is off for this model"
-    return {**out, "source": "llama.cpp", "text": f"llama.cpp dry run ({why}); split over devices by moelocal's model"}
+    return {**out, "source": "llama.cpp", "text": f"llama.cpp dry run ({why})"}
 
 
 def _model_file(summary: ModelSummary, tmp: Path) -> Path:
