@@ -14,7 +14,7 @@ import os
 import re
 import struct
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import MappingProxyType
 from typing import Any
@@ -96,6 +96,32 @@ class Header:
     tensors: tuple[RawTensor, ...]
     alignment: int
     data_offset: int
+    # where llama.cpp can read this header again (its dry run, see oracle.py): the local file it was
+    # read from, or the header's own bytes when it came as a prefix (a Hub header)
+    path: str | None = field(default=None, repr=False, compare=False)
+    raw: bytes | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def tensor_end(self) -> int:
+        """Where the last tensor's data ends: the size a file with this header must have at least."""
+        end = self.data_offset if self.tensors else 0
+        for t in self.tensors:
+            try:
+                end = max(end, self.data_offset + t.offset + tensor_nbytes(t.shape, t.ggml_type))
+            except GGUFFormatError:
+                pass
+        return end
+
+
+@dataclass(frozen=True)
+class HeaderSource:
+    """One file of a model as llama.cpp's dry run needs it: a local file, or its header's bytes
+    (written before a hole of ``size`` bytes, see measure.write_sparse)."""
+
+    path: str | None
+    raw: bytes | None
+    size: int
+    header_size: int = 0  # bytes of the header (its data offset)
 
 
 @dataclass(frozen=True)
@@ -141,6 +167,7 @@ class ModelSummary:
     tensors: tuple[TensorInfo, ...]
     metadata: Mapping[str, Any] = field(repr=False, compare=False)
     unknown_tensors: tuple[str, ...] = ()
+    sources: tuple[HeaderSource, ...] = field(default=(), repr=False, compare=False)
 
     # A summary is a key of the planner's caches (layout, memory); the hash generated for a frozen
     # dataclass walks every TensorInfo on each lookup (thousands per fit), so it is computed once.
@@ -404,7 +431,9 @@ def parse_header(buf: bytes | memoryview | mmap.mmap, complete: bool = True, lab
     if not isinstance(alignment, int) or alignment <= 0 or alignment & (alignment - 1):
         raise GGUFFormatError(f"{label} has a corrupt header: alignment {alignment!r}")
     data_offset = -(-cur.pos // alignment) * alignment
-    return Header(version, MappingProxyType(metadata), tuple(tensors), alignment, data_offset)
+    # a prefix from the Hub keeps its bytes for llama.cpp's dry run; a local file is read again from disk
+    raw = None if isinstance(buf, mmap.mmap) else bytes(buf[: min(len(buf), data_offset)])
+    return Header(version, MappingProxyType(metadata), tuple(tensors), alignment, data_offset, raw=raw)
 
 
 def tensor_nbytes(shape: tuple[int, ...], ggml_type: int, label: str = "file", name: str = "") -> int:
@@ -512,7 +541,7 @@ def read_header_file(path: Path) -> tuple[Header, int]:
             f"{label} is truncated: its tensors need {end} bytes but the file has {size}",
             "the download is incomplete; run `moelocal pull` again or re-download the file",
         )
-    return header, size
+    return replace(header, path=str(path)), size
 
 
 def read_summary(path: str | os.PathLike[str]) -> ModelSummary:
@@ -585,7 +614,11 @@ def summarize(headers: list[Header], files: list[str], file_size: int) -> ModelS
             )
     tokens = meta.get("tokenizer.ggml.tokens")
     n_vocab = int(get("vocab_size", 0)) or (len(tokens) if tokens is not None else 0)
-    name = meta.get("general.name") or (Path(files[0]).stem if files else arch)
+    name = meta.get("general.name")
+    if not isinstance(name, str) or not name.strip() or name.strip().lower() in _NO_NAME:
+        name = _file_label(files[0]) if files else arch  # converters write "n/a" when they know none
+    sources = tuple(HeaderSource(h.path, None if h.path else h.raw, max(h.tensor_end, h.data_offset), h.data_offset)
+                    for h in headers if h.path or h.raw is not None)
     return ModelSummary(
         architecture=arch,
         name=str(name),
@@ -618,7 +651,18 @@ def summarize(headers: list[Header], files: list[str], file_size: int) -> ModelS
         tensors=tuple(tensors),
         metadata=MappingProxyType(meta),
         unknown_tensors=tuple(unknown),
+        sources=sources if len(sources) == len(headers) else (),
     )
+
+
+_NO_NAME = {"n/a", "na", "none", "null", "unknown", "-"}
+
+
+def _file_label(path: str) -> str:
+    """A model's name from its file: the stem, without a split set's -0000i-of-0000N."""
+    name = Path(path).name
+    m = _SPLIT_RE.match(name)
+    return m.group("stem") if m else Path(name).stem
 
 
 def _ffn_width(tensors: list[TensorInfo], part: str) -> int:

@@ -43,6 +43,7 @@ def measure(
     allocate: bool = False,
     extra_bufts: bool = False,
     named: Mapping[str, int] | None = None,
+    log: list | None = None,
 ) -> dict[str, DeviceMemory]:
     """Bytes per device ("cpu", "gpu0", ...) llama.cpp needs for ``path`` placed as ``placement``.
 
@@ -50,7 +51,8 @@ def measure(
     ``allocate=True`` loads for real (mmap), as the engine does; weights on the CPU are then the
     mapped range of the file. ``extra_bufts`` lets llama.cpp repack CPU weights (off by default:
     see engine.extra_bufts_default: the AMX trap). ``named`` maps plan device names to ggml devices that are
-    not in the registry (RPC workers' ``rpc0``, ... from native.rpc_add_server).
+    not in the registry (RPC workers' ``rpc0``, ... from native.rpc_add_server). ``log``, if given,
+    receives llama.cpp's (level, line) log of the load.
     """
     from moelocal import native
 
@@ -71,7 +73,7 @@ def measure(
         try:
             model = lc.llama_model_load_from_file(os.fsencode(os.fspath(path)), mp)
             if not model:
-                raise EngineError(f"llama.cpp could not load {label}: {native.last_error(lines) or 'see its log'}")
+                raise EngineError(f"llama.cpp could not load {label}: {load_error(lines)}")
             ctx = lc.llama_init_from_model(model, native.context_params(options, n_threads=1))  # nothing is computed
             if not ctx:
                 why = native.last_error(lines) or "see its log"
@@ -83,7 +85,9 @@ def measure(
             if model:
                 lc.llama_model_free(model)
     if by_buft is None and no_alloc:  # the map did not look as expected: read a real load's log instead
-        return measure(path, placement, options, allocate=True, extra_bufts=extra_bufts, named=named)
+        return measure(path, placement, options, allocate=True, extra_bufts=extra_bufts, named=named, log=log)
+    if log is not None:
+        log.extend(lines)
     report = native.parse_buffer_report(lines)
     devices = native.buffer_type_devices()
     for dev, handle in (named or {}).items():
@@ -109,6 +113,17 @@ def measure(
     out = {dev: DeviceMemory(**v) for dev, v in acc.items()}
     out.setdefault(CPU, DeviceMemory())
     return out
+
+
+def load_error(lines) -> str:
+    """Why llama.cpp's loader gave up, from its log: the "error loading model: X" line (its last
+    error line is only "failed to load model")."""
+    from moelocal import native
+
+    for _level, line in lines:
+        if "error loading model: " in line:
+            return line.split("error loading model: ", 1)[1].strip() or "see its log"
+    return native.last_error(lines) or "see its log"
 
 
 def write_sparse(prefix: bytes, size: int, dest: str | os.PathLike[str]) -> Path:

@@ -23,6 +23,9 @@ llama-memory-recurrent.cpp, llama-graph.cpp, models/*.cpp, ggml-alloc.c, ggml-ba
   flash-attention setting; see :func:`compute_bytes` for what is approximate.
 - **overhead**: a fixed allowance per GPU backend for what llama.cpp never reports (driver
   context, library workspaces), see :data:`BACKEND_OVERHEAD`.
+- **llama.cpp's own figures** (:class:`Reference`, from its dry run: oracle.py): where given,
+  :func:`estimate` bills llama.cpp's KV cache, recurrent state and compute buffer instead of its
+  own wherever the two differ, and spreads them over devices as :func:`estimate` says.
 """
 
 from __future__ import annotations
@@ -1177,21 +1180,62 @@ def _offload_batch(t: _T) -> int:
 # ---- per device ------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class Reference:
+    """llama.cpp's own figures for the whole model on the CPU at one set of options (its no_alloc
+    dry run, oracle.py): what :func:`estimate` bills instead of its own where they differ."""
+
+    weights: int
+    kv: int  # KV cache and recurrent state
+    compute: int
+    output: int
+    kv_layers: tuple[int, ...] = ()  # the same per layer, as llama.cpp's log lays it out (adds up to kv)
+
+
 def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
-             gpu_backend: str | Mapping[str, str] = "cuda") -> dict[str, DeviceMemory]:
+             gpu_backend: str | Mapping[str, str] = "cuda",
+             reference: Reference | None = None) -> dict[str, DeviceMemory]:
     """Bytes each device ("cpu", "gpu0", ...) needs to run ``summary`` placed as ``placement``.
 
     ``gpu_backend`` (cuda, rocm, vulkan, metal, rpc ..., or one per device as ``{"gpu0": "cuda",
     "rpc0": "rpc"}``) sets the fixed overhead per GPU and whether llama.cpp's op offloading copies
     host weights in (CUDA, ROCm, Vulkan do; Metal and RPC do not).
     ``options.swa_full`` mirrors llama_context_params.swa_full, which the engine sets from it.
+
+    ``reference`` (llama.cpp's CPU-only figures at ``options``) overrides the model where the two
+    differ: CPU only, its KV cache and compute buffer are billed as they are; split over
+    devices, each layer's KV cache and recurrent state is llama.cpp's (``reference.kv_layers``, from
+    its log; else its total spread in the proportions of :func:`kv_bytes_by_layer`), and every
+    device with a compute buffer gets what this model's CPU compute buffer falls short of
+    llama.cpp's on top of its own, and at least llama.cpp's whole-graph buffer where the two differ
+    (a split of a graph this model does not rebuild is not trusted). Weights are the tensors' bytes where
+    :mod:`moelocal.layout` puts them (CPU only: at least what llama.cpp holds).
     """
     weights = layout.bytes_by_device(summary, placement)
     layer_dev = layout.layer_devices(summary.n_layer, placement)
     kv: dict[str, int] = {}
-    for il, n in enumerate(kv_bytes_by_layer(summary, options)):
+    for il, n in enumerate(_kv_by_layer(summary, options, reference)):
         kv[layer_dev[il]] = kv.get(layer_dev[il], 0) + n
     compute = compute_by_device(summary, placement, options, gpu_backend)
+    if reference is not None:
+        own_cpu = compute_bytes(summary, options)
+        if set(compute) == {CPU}:
+            compute = {CPU: reference.compute}
+            # llama.cpp holds more than the file's tensors (gemma4 copies its tied output head even
+            # on the CPU): bill what it holds. Split over devices, layout counts the head's copy already.
+            weights[CPU] = weights.get(CPU, 0) + max(0, reference.weights - sum(weights.values()))
+        else:
+            # what this model misses of llama.cpp's graph may run on any device that computes (the
+            # CPU included: it runs the input layer, and host-resident experts): each gets it on top
+            short = max(0, reference.compute - own_cpu)
+            for d in compute:
+                compute[d] += short
+            if own_cpu != reference.compute:
+                # a graph this model does not rebuild node for node: its split cannot be trusted
+                # either (ops a backend lacks fall back to the CPU, a device's part can peak where
+                # the model does not see it). The whole graph's buffer bounds what any part needs.
+                for d in compute:
+                    compute[d] = max(compute[d], reference.compute)
     # the engine opens the plan's devices only when layers go there; each then has a backend context
     on_gpu = bool(placement.devices) and placement.n_gpu_layers > 0
     out = {}
@@ -1199,10 +1243,31 @@ def estimate(summary: ModelSummary, placement: Placement, options: RunOptions,
         on_device = on_gpu and d != CPU and d in placement.devices
         out[d] = DeviceMemory(
             weights=weights.get(d, 0), kv=kv.get(d, 0), compute=compute.get(d, 0),
+            # the logits buffer is exact here; llama.cpp reports it only to 0.01 MiB
             output=output_bytes(summary, options) if d == CPU else 0,
             overhead=backend_overhead(_backend_of(gpu_backend, d)) if on_device else 0,
         )
     return out
+
+
+def _kv_by_layer(summary: ModelSummary, options: RunOptions, reference: Reference | None) -> tuple[int, ...]:
+    """kv_bytes_by_layer, rescaled to llama.cpp's total where a reference gives one."""
+    own = kv_bytes_by_layer(summary, options)
+    if reference is None:
+        return own
+    if reference.kv_layers and sum(reference.kv_layers) == reference.kv and len(reference.kv_layers) <= len(own):
+        return tuple(reference.kv_layers) + (0,) * (len(own) - len(reference.kv_layers))
+    if sum(own) == reference.kv:
+        return own
+    total = sum(own)
+    if total == 0:  # llama.cpp keeps a state this model does not know of: spread it over the layers it runs
+        n_run = _model(summary).n_layer
+        own = tuple(1 if il < n_run else 0 for il in range(len(own)))
+        total = sum(own)
+    out = [reference.kv * n // total for n in own]
+    last = max(i for i, n in enumerate(own) if n) if any(own) else 0
+    out[last] += reference.kv - sum(out)  # the rounding, so that the total is llama.cpp's to the byte
+    return tuple(out)
 
 
 def _backend_of(gpu_backend: str | Mapping[str, str], device: str) -> str:

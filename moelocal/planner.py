@@ -9,7 +9,7 @@ fit in RAM, running from disk through mmap. Each candidate gets a memory bill pe
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 
 from moelocal import layout, memory
@@ -68,6 +68,8 @@ class FitResult:
     plans: tuple[Plan, ...]
     recommended: int | None
     notes: tuple[str, ...] = ()
+    # where the memory figures come from (oracle.describe): llama.cpp's dry run or moelocal's own model
+    memory_source: dict | None = None
 
     @property
     def best(self) -> Plan | None:
@@ -109,6 +111,7 @@ class FitResult:
             "recommended": self.recommended,
             "verdict": self.verdict(),
             "notes": list(self.notes),
+            "memory_source": self.memory_source,
             "llama_cpp_flags": llama_cpp_flags(self.best, self.hardware) if self.best else None,
         }
 
@@ -300,11 +303,16 @@ def _gpu_devices(hw: Hardware) -> tuple[tuple[str, ...], tuple[float, ...]]:
     return devices, split
 
 
-def make_plan(summary: ModelSummary, placement: Placement, options: RunOptions, hw: Hardware) -> Plan:
+# llama.cpp's own CPU-only figures at a set of options (oracle.py), or None where it cannot be asked
+Oracle = Callable[[RunOptions], "memory.Reference | None"]
+
+
+def make_plan(summary: ModelSummary, placement: Placement, options: RunOptions, hw: Hardware,
+              reference: memory.Reference | None = None) -> Plan:
     """Price one placement: memory per device, predicted speed, and whether it fits."""
 
     backends = {name: g.backend for name, g in zip(hw.gpu_names, hw.gpus, strict=True)}  # gpu0: cuda, rpc0: rpc
-    mem = memory.estimate(summary, placement, options, gpu_backend=backends or "cpu")
+    mem = memory.estimate(summary, placement, options, gpu_backend=backends or "cpu", reference=reference)
     budget = budgets(hw)
     for dev in placement.devices:
         mem.setdefault(dev, DeviceMemory())
@@ -408,14 +416,17 @@ def _gpus_hold(plan: Plan) -> bool:
     return all(m.total <= plan.budget.get(d, 0) for d, m in plan.memory.items() if d != CPU)
 
 
-def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions, exhaustive: bool = False) -> list[Plan]:
+def candidates(summary: ModelSummary, hw: Hardware, options: RunOptions, exhaustive: bool = False,
+               oracle: Oracle | None = None) -> list[Plan]:
     """The placements priced, in family order: in each family the first whose GPUs hold it (the
     fastest of the family that can fit), the one before it, and the family's first; found by
     bisection, since the GPUs' load only shrinks along a family. ``exhaustive`` prices all of them
     (the tests compare)."""
 
+    reference = oracle(options) if oracle else None
+
     def price(p: Placement) -> Plan:
-        return make_plan(summary, balance(summary, p, hw, options), options, hw)
+        return make_plan(summary, balance(summary, p, hw, options), options, hw, reference)
 
     out: list[Plan] = []
     for family in placement_families(summary, hw):
@@ -451,7 +462,8 @@ def default_ctx(summary: ModelSummary) -> int:
     return min(summary.context_length or 4096, DEFAULT_CTX_CAP)
 
 
-def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested: bool = True) -> FitResult:
+def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested: bool = True,
+        oracle: Oracle | None = None) -> FitResult:
     """Price every placement and pick the fastest that fits; shrink the context only if not requested."""
     if options.n_ctx <= 0:
         raise UsageError(f"--ctx must be positive, got {options.n_ctx}")
@@ -459,13 +471,13 @@ def fit(summary: ModelSummary, hw: Hardware, options: RunOptions, ctx_requested:
     notes: list[str] = [
         f"{name.upper()} has {human_bytes(g.free)} free, less than its backend needs for itself: left out of the plan"
         for name, g in zip(hw.gpu_names, hw.gpus, strict=True) if name in left_out]
-    plans = candidates(summary, hw, options)
+    plans = candidates(summary, hw, options, oracle=oracle)
     chosen = _choose(plans)
     if chosen is None and not ctx_requested:
         ctx = options.n_ctx
         while chosen is None and ctx > MIN_AUTO_CTX:
             ctx = max(MIN_AUTO_CTX, ctx // 2)
-            trial = candidates(summary, hw, replace(options, n_ctx=ctx))
+            trial = candidates(summary, hw, replace(options, n_ctx=ctx), oracle=oracle)
             if _choose(trial) is not None:
                 notes.append(f"context reduced from {options.n_ctx} to {ctx} tokens so that the model fits")
                 plans, chosen = trial, _choose(trial)
@@ -519,6 +531,7 @@ def plan_model(
     n_cpu_moe: int | None = None,
     cpu_moe: bool = False,
     ctx_requested: bool = True,
+    oracle: Oracle | None = None,
 ) -> Plan:
     """The plan a run uses: the recommended one, or the one the user forced (check ``.fits``).
 
@@ -526,7 +539,7 @@ def plan_model(
     """
     forced = n_gpu_layers is not None or n_cpu_moe is not None or cpu_moe
     if not forced:
-        result = fit(summary, hw, options, ctx_requested=ctx_requested)
+        result = fit(summary, hw, options, ctx_requested=ctx_requested, oracle=oracle)
         if result.best is None:
             raise DoesNotFitError(
                 f"{summary.name} {result.verdict()}",
@@ -550,7 +563,8 @@ def plan_model(
     placement = Placement(n_gpu_layers=ngl, n_cpu_moe=k if devices and ngl else 0,
                           tensor_overrides=overrides if devices and ngl else (),
                           devices=devices if ngl else (), tensor_split=split if ngl else ())
-    return make_plan(summary, balance(summary, placement, hw, options), options, hw)
+    return make_plan(summary, balance(summary, placement, hw, options), options, hw,
+                     oracle(options) if oracle else None)
 
 
 def recommend_quant(summaries: Sequence[ModelSummary], hw: Hardware, options: RunOptions,

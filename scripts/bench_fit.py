@@ -1,12 +1,17 @@
-"""How fast `fit` answers, and that it never loads llama.cpp.
+"""How fast `fit` answers, and that it never loads llama.cpp in its own process.
 
-    python scripts/bench_fit.py [MODEL.gguf] [--repeat 7]
+    python scripts/bench_fit.py [MODEL.gguf] [--repeat 7] [--before CHECKOUT]
 
 Times, interleaved in one run: reading the header alone (`read_summary`), a full `fit` of the same
 file (header, hardware, every placement priced), and a `fit` of a Qwen3-30B-A3B-sized summary
 (48 layers, 128 experts) for a 12 GiB GPU, reporting medians and the fit/read ratio. Also runs
 `moelocal fit` as a subprocess (what a user waits for, interpreter start included) and checks that
-llama_cpp was never imported.
+llama_cpp was never imported there.
+
+Then `moelocal fit` on a header-only file shaped like Qwen3-30B-A3B (Q8_0, 152k vocabulary) for a
+12 GiB GPU, as a subprocess: cold (an empty cache: llama.cpp's dry run runs, in a child) and warm
+(the answer cached), median of --repeat. With ``--before CHECKOUT`` (another moelocal source tree,
+e.g. ``git archive`` of the previous commit) the same commands run with that code too, interleaved.
 """
 
 from __future__ import annotations
@@ -27,6 +32,7 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("model", nargs="?", help="a .gguf file (default: the bundled demo model)")
     ap.add_argument("--repeat", type=int, default=7)
+    ap.add_argument("--before", help="another moelocal checkout to time side by side")
     args = ap.parse_args()
 
     from synthetic import qwen3moe_summary
@@ -72,6 +78,37 @@ def main() -> None:
             walls.append(time.perf_counter() - t)
         print(f"{'`moelocal fit` process':>22}: {statistics.median(walls) * 1000:8.1f} ms "
               f"(llama_cpp imported: {proc.stderr.strip().splitlines()[-1]})")
+    bench_30b(args.repeat, args.before)
+
+
+def bench_30b(repeat: int, before: str | None) -> None:
+    """`moelocal fit` on a Qwen3-30B-A3B-shaped header-only file: cold and warm, this code and ``before``."""
+    from dataclasses import replace
+
+    from moelocal.testmodels import SPECS, write_header_only
+
+    spec = replace(SPECS["qwen3moe"], n_layer=48, n_embd=2048, n_head=32, n_head_kv=4, head_dim=128, n_expert=128,
+                   n_expert_used=8, expert_ff=768, n_vocab=151936, context_length=40960)
+    trees = {"after": str(ROOT)} | ({"before": str(Path(before).resolve())} if before else {})
+    with tempfile.TemporaryDirectory() as tmp:
+        path = write_header_only(spec, Path(tmp) / "Qwen3-30B-A3B-shape.gguf")
+        argv = ["fit", str(path), "--vram", "12GiB", "--ram", "64GiB", "--gpu-bw", "504GB/s", "--ctx", "16384",
+                "--json"]
+        code = "import sys; from moelocal.cli import main\ntry:\n    main(sys.argv[1:])\nexcept SystemExit:\n    pass"
+        times: dict[str, list[float]] = {f"{k} {w}": [] for k in trees for w in ("cold", "warm")}
+        for i in range(repeat):
+            for name, tree in trees.items():
+                home = Path(tmp) / f"home-{name}-{i}"
+                env = {"MOELOCAL_HOME": str(home), "PATH": "/usr/bin:/bin", "PYTHONPATH": tree}
+                for when in ("cold", "warm"):  # the first run fills the cache the second reads
+                    t = time.perf_counter()
+                    proc = subprocess.run([sys.executable, "-c", code, *argv], capture_output=True, text=True,
+                                          env=env, cwd=tree)
+                    times[f"{name} {when}"].append(time.perf_counter() - t)
+                    if '"plans"' not in proc.stdout:
+                        raise SystemExit(f"fit failed: {proc.stderr[-2000:]}")
+    for k, v in times.items():
+        print(f"{'30B-A3B fit ' + k:>22}: {statistics.median(v) * 1000:8.1f} ms (median of {repeat})")
 
 
 if __name__ == "__main__":

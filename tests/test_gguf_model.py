@@ -459,3 +459,22 @@ def test_recurrent_layers_follow_llama_cpps_rules():
     jamba = {"jamba.ssm.state_size": 16}
     assert _recurrent_layers("jamba", 4, jamba, (0, 0, 0, 8)) == (0, 1, 2)
     assert _recurrent_layers("qwen3moe", 8, {}, kv) == ()
+
+
+@pytest.mark.parametrize("name", [None, "n/a", "N/A", "", "  "])
+def test_a_model_without_a_name_is_shown_by_its_file_name(tmp_path, capsys, name):
+    """Converters write general.name "n/a" (or nothing) when they know none: the file says more."""
+    from moelocal import archgen
+
+    meta = {"qwen3moe.block_count": ("u32", 2), "qwen3moe.embedding_length": ("u32", 64)}
+    if name is not None:
+        meta["general.name"] = ("str", name)
+    path = archgen.write(archgen.Recipe("qwen3moe", meta), tmp_path / "Qwen3-Coder-Q4_K_M.gguf")
+    assert read_summary(path).name == "Qwen3-Coder-Q4_K_M"
+    code, out, _ = run_cli(["inspect", str(path)], capsys)
+    assert code == 0 and "Qwen3-Coder-Q4_K_M" in out and "n/a" not in out.lower()
+    shard = summarize([parse_header(path.read_bytes())], ["/m/Big-Q4_K_M-00001-of-00003.gguf"], 0)
+    assert shard.name == "Big-Q4_K_M"  # a split set is named by its stem, not its first shard
+    named = archgen.write(archgen.Recipe("qwen3moe", {**meta, "general.name": ("str", "Qwen3 Coder")}),
+                          tmp_path / "other.gguf")
+    assert read_summary(named).name == "Qwen3 Coder"

@@ -203,8 +203,11 @@ def build_plan(summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None,
             warn(f"--ngl {flags.ngl}: there is no GPU here, so every layer runs on the CPU")
         if flags.cpu_moe or flags.n_cpu_moe:
             note("No GPU here: the experts are in RAM with everything else.")
+    from moelocal import oracle
+
     plan = planner.plan_model(summary, hw, options, n_gpu_layers=flags.ngl, n_cpu_moe=flags.n_cpu_moe,
-                              cpu_moe=flags.cpu_moe, ctx_requested=ctx is not None)
+                              cpu_moe=flags.cpu_moe, ctx_requested=ctx is not None,
+                              oracle=oracle.for_summary(summary))
     if not plan.fits:
         short = ", ".join(f"{_output.human_bytes(n)} more {'RAM' if d == 'cpu' else 'memory on ' + d.upper()}"
                           for d, n in plan.shortfall().items())

@@ -71,7 +71,9 @@ def fit(
 
       moelocal fit model.gguf --worker 192.168.1.20:50052 --net-bw 10Gbit
     """
-    from moelocal import planner
+    from dataclasses import replace
+
+    from moelocal import oracle, planner
 
     if kv_type not in ("f16", "q8_0", "q4_0", "f32", "bf16"):
         raise UsageError(f"unknown --kv-type {kv_type!r}", "use f16, q8_0 or q4_0")
@@ -80,12 +82,18 @@ def fit(
     hw = hardware_options(vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
                           worker_mem=worker_mem, net_bw=net_bw)
     summaries = load_summaries(model)
+    jobs = [(s, RunOptions(n_ctx=ctx if ctx is not None else planner.default_ctx(s), n_ubatch=ubatch,
+                           n_batch=max(ubatch, 2048), kv_type=kv_type, flash_attn=flash_attn)) for s in summaries]
+    # llama.cpp's dry run of every model first (one child process, cached): what it cannot load is
+    # an error before anything is planned or downloaded
+    oracle.prefetch(jobs)
     results = []
-    for s in summaries:
-        n_ctx = ctx if ctx is not None else planner.default_ctx(s)
-        options = RunOptions(n_ctx=n_ctx, n_ubatch=ubatch, n_batch=max(ubatch, 2048), kv_type=kv_type,
-                             flash_attn=flash_attn)
-        results.append(planner.fit(s, hw, options, ctx_requested=ctx is not None))
+    for s, options in jobs:
+        ask = oracle.for_summary(s)
+        ref = ask(options)
+        result = planner.fit(s, hw, options, ctx_requested=ctx is not None, oracle=ask)
+        used = result.best.options if result.best is not None else options
+        results.append(replace(result, memory_source=oracle.describe(s, used, ask(used) if used != options else ref)))
     chosen = planner.rank_quants(summaries, results) if len(results) > 1 else (0 if results[0].best else None)
     if json:
         if len(results) == 1:
@@ -161,6 +169,8 @@ def render(result) -> None:
             for d, m in best.memory.items() if m.total
         )
         out.print(f"memory: {mem}")
+        if result.memory_source:
+            out.print(f"memory source: {result.memory_source['text']}")
         out.print(f"llama.cpp: llama-server {_model_flag(s)} "
                   + " ".join(shlex.quote(f) for f in llama_cpp_flags(best, hw)))
 
