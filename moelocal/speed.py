@@ -8,7 +8,9 @@ processing is bound by compute. planner.py calls predict() for every placement i
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 
 from moelocal import layout, memory
 from moelocal.gguf_model import ModelSummary
@@ -341,3 +343,54 @@ def _predict_from_disk(summary: ModelSummary, plan_memory: DeviceMemory, budget:
                       decode_low=tps(inv(base.decode_low or base.decode_tps), 2.0),
                       decode_high=tps(inv(base.decode_high or base.decode_tps), 0.5),
                       basis=base.basis + ("; " if base.basis else "") + "paging from disk")
+
+
+# ---- calibration -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Measured:
+    """One measured run on this machine: what ran, how, and the tokens/s llama.cpp reached."""
+
+    summary: ModelSummary
+    placement: Placement
+    options: RunOptions
+    decode_tps: float | None = None
+    prefill_tps: float | None = None
+
+
+def calibrate(runs: Sequence[Measured], hw: Hardware, source: str = "") -> Calibration:
+    """The factors that make the model's predictions match ``runs`` on ``hw`` (its own calibration ignored).
+
+    Decode: each run's measured time less the fixed costs is what the reads took; the device that reads
+    the larger share takes the difference (the other one at its default), giving its achieved / nominal
+    bandwidth. Prompt: measured / predicted, for the CPU on CPU-only runs and for the GPU otherwise.
+    Several runs combine by their geometric mean, so one odd run moves a factor only so far."""
+    base = replace(hw, calibration=None)
+    cpu_dec: list[float] = []
+    gpu_dec: list[float] = []
+    cpu_pre: list[float] = []
+    gpu_pre: list[float] = []
+    for run in runs:
+        parts = decode_parts(run.summary, run.placement, run.options, base)
+        fixed = sum(v for (_, what), v in parts.items() if what in (LAYERS, HANDOFFS))
+        cpu = sum(v for (dev, what), v in parts.items() if dev == CPU and what not in (LAYERS, HANDOFFS))
+        gpu = sum(v for (dev, what), v in parts.items() if dev not in (CPU, "") and what not in (LAYERS, HANDOFFS))
+        if run.decode_tps and run.decode_tps > 0 and cpu + gpu > 0:
+            t = 1 / run.decode_tps
+            if cpu >= gpu:
+                took = max(t - fixed - gpu, 0.2 * t)  # never credit the reads with less than a fifth of the time
+                cpu_dec.append(cpu_decode_bandwidth(base) / hw.cpu_bandwidth * cpu / took)
+            else:
+                took = max(t - fixed - cpu, 0.2 * t)
+                gpu_dec.append(GPU_BW_EFFICIENCY * gpu / took)
+        if run.prefill_tps and run.prefill_tps > 0:
+            predicted = _prefill(run.summary, run.placement, run.options, base)
+            if predicted > 0:
+                (gpu_pre if run.placement.devices else cpu_pre).append(run.prefill_tps / predicted)
+
+    def gmean(xs: list[float]) -> float | None:
+        return round(math.exp(sum(math.log(x) for x in xs) / len(xs)), 4) if xs else None
+
+    return Calibration(cpu_decode_eff=gmean(cpu_dec), cpu_prefill_eff=gmean(cpu_pre), gpu_decode_eff=gmean(gpu_dec),
+                       gpu_prefill_eff=gmean(gpu_pre), runs=len(runs), source=source)

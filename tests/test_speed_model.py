@@ -242,3 +242,16 @@ def test_throughput_is_bound_by_compute_once_the_reads_are_shared(q30b):
     flops_per_token = 2 * sum(t.n_params * (q30b.n_expert_used / q30b.n_expert if t.role == "routed_experts" else 1)
                               for t in q30b.tensors if t.role != "embeddings")
     assert tps == pytest.approx(50e9 / flops_per_token, rel=0.05)
+
+
+def test_calibrating_on_one_model_predicts_another(q30b):
+    """What `moelocal bench` does: measure one model, then predict a different one on the same machine."""
+    truth = replace(cpu_machine(), calibration=speed.Calibration(cpu_decode_eff=0.55, cpu_prefill_eff=0.7, runs=1))
+    small = qwen3moe_summary(n_layer=24, n_expert=64)
+    measured = speed.predict(small, CPU_ONLY, OPTS, truth)  # stands in for what llama.cpp would reach
+    cal = speed.calibrate([speed.Measured(small, CPU_ONLY, OPTS, measured.decode_tps, measured.prefill_tps)],
+                          cpu_machine(), source="test")
+    assert cal.cpu_decode_eff == pytest.approx(0.55, rel=0.01) and cal.cpu_prefill_eff == pytest.approx(0.7, rel=0.01)
+    assert (cal.gpu_decode_eff, cal.gpu_prefill_eff, cal.runs, cal.source) == (None, None, 1, "test")
+    other = speed.predict(q30b, CPU_ONLY, OPTS, replace(cpu_machine(), calibration=cal))
+    assert other.decode_tps == pytest.approx(speed.predict(q30b, CPU_ONLY, OPTS, truth).decode_tps, rel=0.01)
