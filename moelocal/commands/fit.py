@@ -34,12 +34,18 @@ def fit(
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0.")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn",
                                              help="Plan for flash attention (on by default).")] = True,
+    gpu: Annotated[list[str] | None, typer.Option("--gpu", help="Plan for these cards, by name: memory and rated "
+                                                  "bandwidth from moelocal's table; repeat or comma-separate "
+                                                  "(\"RTX 3090\", \"RTX 4090,RTX 3090\").")] = None,
     vram: Annotated[list[str] | None, typer.Option("--vram", help="Plan for GPUs with this much memory: "
                                                    "repeat or comma-separate for several (24GiB,12GiB).")] = None,
     ram: Annotated[str | None, typer.Option("--ram", help="Plan for this much free RAM (64GiB).")] = None,
     no_gpu: Annotated[bool, typer.Option("--no-gpu", help="Plan for the CPU alone.")] = False,
-    gpu_bw: Annotated[str | None, typer.Option("--gpu-bw", help="GPU memory bandwidth (936GB/s).")] = None,
-    cpu_bw: Annotated[str | None, typer.Option("--cpu-bw", help="CPU memory bandwidth (80GB/s).")] = None,
+    gpu_bw: Annotated[str | None, typer.Option("--gpu-bw", help="GPU memory bandwidth as rated on its spec sheet "
+                                               "(936GB/s); moelocal works out what decoding achieves of it.")] = None,
+    cpu_bw: Annotated[str | None, typer.Option("--cpu-bw", help="RAM bandwidth as rated: a spec, DDR5-6000x2 "
+                                               "(MT/s x 8 bytes x channels), or a figure, 96GB/s; moelocal "
+                                               "works out what llama.cpp achieves of it (about 40-85%).")] = None,
     worker: WorkerOpt = None,
     worker_mem: WorkerMemOpt = None,
     net_bw: NetBwOpt = None,
@@ -67,6 +73,8 @@ def fit(
 
       moelocal fit model.gguf --vram 24GiB --ram 64GiB --ctx 32768
 
+      moelocal fit model.gguf --gpu "RTX 3090" --ram 64GiB --cpu-bw DDR5-6000x2
+
       moelocal fit ./quants/ --vram 12GiB,12GiB --json
 
       moelocal fit model.gguf --worker 192.168.1.20:50052 --net-bw 10Gbit
@@ -77,7 +85,7 @@ def fit(
         raise UsageError(f"unknown --kv-type {kv_type!r}", "use f16, q8_0 or q4_0")
     if ubatch <= 0:
         raise UsageError(f"--ubatch must be positive, got {ubatch}")
-    hw = hardware_options(vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
+    hw = hardware_options(gpu=gpu, vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
                           worker_mem=worker_mem, net_bw=net_bw)
     summaries = load_summaries(model)
     results = []
