@@ -189,7 +189,7 @@ def test_a_rated_figure_is_turned_into_achieved_bandwidth(q30b):
     p_rated, p_probe = speed.predict(q30b, CPU_ONLY, OPTS, rated), speed.predict(q30b, CPU_ONLY, OPTS, probe)
     assert p_rated.decode_high / p_rated.decode_low > p_probe.decode_high / p_probe.decode_low > 1.2
     assert p_rated.basis == "from rated bandwidths"
-    assert p_probe.basis == "from this machine's measured RAM bandwidth"
+    assert p_probe.basis == "from the RAM bandwidth measured here"
 
 
 def test_a_calibration_replaces_the_default_factors_and_narrows_the_range(q30b):

@@ -97,9 +97,9 @@ def fit(
     chosen = planner.rank_quants(summaries, results) if len(results) > 1 else (0 if results[0].best else None)
     if json:
         if len(results) == 1:
-            _output.print_json(results[0].to_dict())
+            _output.print_json(_with_explanation(results[0]))
         else:
-            _output.print_json({"models": [r.to_dict() for r in results], "recommended_model": chosen})
+            _output.print_json({"models": [_with_explanation(r) for r in results], "recommended_model": chosen})
     else:
         if len(results) > 1:
             render_ranking(results, chosen)
@@ -171,6 +171,51 @@ def render(result) -> None:
         out.print(f"memory: {mem}")
         out.print(f"llama.cpp: llama-server {_model_flag(s)} "
                   + " ".join(shlex.quote(f) for f in llama_cpp_flags(best, hw)))
+        render_explanation(result)
+
+
+def _with_explanation(result) -> dict:
+    from moelocal.explain import explain
+
+    data = result.to_dict()
+    why = explain(result)
+    data["explain"] = why.to_dict() if why is not None else None
+    return data
+
+
+def render_explanation(result) -> None:
+    """What bounds the speed, what would make it faster, how much context fits: short lines, 80 columns."""
+    from moelocal.explain import explain
+
+    why = explain(result)
+    if why is None:
+        return
+    hb, out = _output.human_bytes, _output.out
+    out.print(f"[bold]speed:[/bold] {_tps(why.decode_tps)} tok/s, likely {_tps(why.decode_low)}-"
+              f"{_tps(why.decode_high)} ({why.basis})")
+    for b in why.bounds[:2]:
+        out.print(f"  {b.text()}")
+    for f in why.faster:
+        out.print(f"[bold]faster:[/bold] {f.needs}: ~{_tps(f.decode_tps)} tok/s ({f.label})")
+    fits = [_ctx(c) for c, ok in why.context_fits if ok]
+    short = [_ctx(c) for c, ok in why.context_fits if not ok]
+    line = "[bold]context:[/bold] " + (" ".join(fits) + (" fit" if len(fits) > 1 else " fits") if fits else "")
+    if short:
+        line += ("; " if fits else "") + f"{short[0]} does not" + (f" (largest {_ctx(why.max_ctx)})" if fits else "")
+    out.print(line + " with this placement")
+    for kv in why.kv_options:
+        out.print(f"  KV cache {kv.kv_type}: saves {hb(kv.saves)}, fits {_ctx(kv.max_ctx)}: {' '.join(kv.flags)}")
+    if why.batch_tps:
+        out.print("[bold]batch:[/bold] " + ", ".join(f"{n} at once ~{_tps(t)} tok/s in all" for n, t in why.batch_tps))
+
+
+def _tps(x: float) -> str:
+    """Tokens/s for people: 3 significant digits, never an exponent."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _model_flag(s) -> str:
