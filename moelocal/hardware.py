@@ -12,7 +12,7 @@ import platform
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from moelocal.errors import HardwareSpecError
@@ -214,6 +214,7 @@ class Hardware:
                 "bandwidth": self.cpu_bandwidth,
                 "flops": self.cpu_flops,
                 "amx": self.has_amx,
+                "bandwidth_rated": self.cpu_bw_rated,  # a spec-sheet figure (--cpu-bw), not the probe's
             },
             "ram": {"total": self.ram_total, "available": self.ram_available},
             "gpus": [
@@ -231,6 +232,7 @@ class Hardware:
             ],
             **({"network_bandwidth": self.network_bandwidth} if any(g.remote for g in self.gpus) else {}),
             "overridden": list(self.overridden),
+            **({"calibration": asdict(self.calibration)} if self.calibration is not None else {}),
         }
 
 

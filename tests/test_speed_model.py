@@ -321,3 +321,13 @@ def test_fit_takes_gpu_names_and_ram_specs(capsys):
         cli.main(["fit", "--gpu", "RTX 3095"])
     assert exc.value.code == 2
     assert "nearest: RTX 3090" in capsys.readouterr().err
+
+
+def test_the_machine_says_what_its_figures_rest_on():
+    cal = speed.Calibration(cpu_decode_eff=0.6, runs=2, source="t")
+    hw = replace(cpu_machine(), cpu_bw_rated=True, calibration=cal)
+    d = hw.to_dict()
+    assert d["cpu"]["bandwidth_rated"] is True
+    assert d["calibration"] == {"cpu_decode_eff": 0.6, "cpu_prefill_eff": None, "gpu_decode_eff": None,
+                                "gpu_prefill_eff": None, "runs": 2, "source": "t"}
+    assert "calibration" not in cpu_machine().to_dict()
