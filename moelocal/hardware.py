@@ -174,9 +174,10 @@ class Hardware:
     has_amx: bool = False
     overridden: tuple[str, ...] = field(default=())  # which values came from the user
     network_bandwidth: float = DEFAULT_NET_BW  # to the workers (bytes/s)
-    # cpu_bandwidth is a spec-sheet figure (--cpu-bw) rather than what the probe read here: the speed
-    # model turns it into achieved bandwidth with a lower factor (speed.CPU_RATED_EFFICIENCY)
-    cpu_bw_rated: bool = False
+    # cpu_bandwidth is a spec-sheet figure (--cpu-bw, or a machine described in code) rather than what the
+    # probe read here (detect() says so): the speed model turns a rating into achieved bandwidth itself
+    # (speed.cpu_decode_bandwidth)
+    cpu_bw_rated: bool = True
     calibration: Calibration | None = None  # measured on this machine (moelocal bench); None: the defaults
 
     @property
@@ -492,6 +493,7 @@ def detect(probe: bool = True) -> Hardware:
         gpus=tuple(gpus),
         cpu_flops=cores * CPU_GFLOPS_PER_CORE * 1e9,
         has_amx="amx_tile" in flags or "amx_int8" in flags,
+        cpu_bw_rated=not probe,  # the probe measured what this machine reads; without it, a guess
     )
 
 

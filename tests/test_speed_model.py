@@ -28,8 +28,9 @@ def q30b():
 
 
 def cpu_machine(bw: float = 60e9, flops: float = 8 * 55e9, cores: int = 8) -> Hardware:
+    """A machine whose RAM bandwidth the probe measured (as hardware.detect() finds this one)."""
     return Hardware(cpu_name="test cpu", cpu_cores=cores, ram_total=256 * GiB, ram_available=256 * GiB,
-                    cpu_bandwidth=bw, cpu_flops=flops)
+                    cpu_bandwidth=bw, cpu_flops=flops, cpu_bw_rated=False)
 
 
 def decode(summary, hw: Hardware, options: RunOptions = OPTS, placement: Placement = CPU_ONLY) -> float:
@@ -300,6 +301,7 @@ def test_ram_bandwidth_as_a_spec_or_a_rated_figure():
     hw = hardware.with_overrides(cpu_machine(), cpu_bw="DDR5-6000x2")
     assert (hw.cpu_bandwidth, hw.cpu_bw_rated) == (96e9, True)
     assert not cpu_machine().cpu_bw_rated  # what the probe measured here is not a rating
+    assert not hardware.detect().cpu_bw_rated and hardware.detect(probe=False).cpu_bw_rated  # a guess is no better
 
 
 def test_fit_takes_gpu_names_and_ram_specs(capsys):
