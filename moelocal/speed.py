@@ -82,12 +82,9 @@ def _device_speed(hw: Hardware, device: str, threads: int | None = None) -> tupl
             # cpu_flops is one thread per physical core; fewer threads compute proportionally less
             # (measured 1.6-1.9x from one thread to two); more threads than cores gain nothing
             flops *= min(threads, hw.cpu_cores) / hw.cpu_cores
-        eff = CPU_BW_EFFICIENCY
-        if cal is not None and cal.cpu_decode_eff:
-            eff = cal.cpu_decode_eff
         if cal is not None and cal.cpu_prefill_eff:
             flops *= cal.cpu_prefill_eff
-        return hw.cpu_bandwidth * eff, flops
+        return cpu_decode_bandwidth(hw), flops
     g = hw.gpu_named(device)
     eff, flops = GPU_BW_EFFICIENCY, g.tflops * GPU_FLOPS_EFFICIENCY
     if cal is not None and cal.gpu_decode_eff and not g.remote:
