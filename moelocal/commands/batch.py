@@ -48,9 +48,6 @@ from moelocal.errors import EngineError, UsageError
 LINE_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
                "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
                "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
-# Requests at once when a GPU ran layers, before the default came from the predicted throughput
-# (explain.choose_parallel: an MoE's N sequences share the dense weights and many of their experts).
-GPU_PARALLEL = 4
 # Context per sequence when --ctx is not given: batch prompts are short, and n sequences share the cache.
 BATCH_CTX = 4096
 
