@@ -26,6 +26,7 @@ from typing import Any
 
 from moelocal import config, native, rpc
 from moelocal.errors import EngineError, UsageError
+from moelocal.hardware import default_threads
 from moelocal.plan import DeviceMemory, Plan
 
 # ChatML: the fallback when a model carries no chat template of its own.
@@ -124,17 +125,6 @@ class Deviation:
 
 
 # ---- small pure helpers ----------------------------------------------------------------------
-
-
-def default_threads() -> int:
-    """llama.cpp's own default: one thread per physical core."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:
-        n = None
-    return max(1, n or os.cpu_count() or 1)
 
 
 def extra_bufts_default(cpu_extra_bufts: Sequence[str]) -> bool:

@@ -13,12 +13,8 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING
 
 from moelocal.errors import HardwareSpecError
-
-if TYPE_CHECKING:
-    from moelocal.rpc import WorkerInfo
 
 GiB = 1 << 30
 GB = 1e9
@@ -96,6 +92,34 @@ PROBE_VERSION = 2
 DEFAULT_DISK_BW = 2 * GB  # an NVMe SSD reading large pages sequentially
 # The link to RPC workers: gigabit Ethernet. Override with --net-bw (10GbE: 1.25GB/s).
 DEFAULT_NET_BW = 1e9 / 8
+
+
+def default_threads() -> int:
+    """llama.cpp's own default thread count: one thread per physical core."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class WorkerDevice:
+    """One device an RPC worker serves, with the memory it reports."""
+
+    free: int
+    total: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What an RPC worker said about itself (rpc.probe asks; with_workers adds its devices)."""
+
+    endpoint: str  # host:port as given (llama.cpp names buffers after it)
+    devices: tuple[WorkerDevice, ...]
+    version: tuple[int, int, int]
 
 
 @dataclass(frozen=True)

@@ -44,6 +44,10 @@ NCpuMoeOpt = Annotated[int | None, typer.Option("--n-cpu-moe", help="Keep the ro
                                                 "in RAM (llama.cpp --n-cpu-moe).", rich_help_panel=_PLACE)]
 NglOpt = Annotated[int | None, typer.Option("--ngl", "-ngl", help="Layers to put on the GPU (llama.cpp -ngl).",
                                             rich_help_panel=_PLACE)]
+OverrideTensorOpt = Annotated[list[str] | None, typer.Option(
+    "--override-tensor", "-ot", help="llama.cpp's tensor overrides, PATTERN=BUFFER_TYPE (regex searched in each "
+    "tensor's name; CPU, CUDA0, RPC0[host:port] ...), comma-separated or repeated; the first matching pattern "
+    "wins, and they come before --n-cpu-moe's. Without --ngl every layer is offloaded.", rich_help_panel=_PLACE)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run a placement you forced even if moelocal "
                                         "predicts it does not fit.", rich_help_panel=_PLACE)]
 KvTypeOpt = Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (the quantized "
@@ -77,10 +81,11 @@ class PlacementFlags:
     workers: tuple[str, ...] = ()  # HOST:PORT of RPC workers whose devices join the plan
     worker_mem: tuple[str, ...] = ()
     net_bw: str | None = None
+    overrides: tuple[str, ...] = ()  # -ot values as given (PATTERN=BUFFER_TYPE,...)
 
     @property
     def forced(self) -> bool:
-        return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None
+        return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None or bool(self.overrides)
 
 
 def sampling(*, temp: float, top_p: float, seed: int | None, max_tokens: int, ignore_eos: bool = False,
@@ -168,8 +173,13 @@ def build_plan(summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None,
             warn(f"--ngl {flags.ngl}: there is no GPU here, so every layer runs on the CPU")
         if flags.cpu_moe or flags.n_cpu_moe:
             note("No GPU here: the experts are in RAM with everything else.")
+        if flags.overrides:
+            note("No GPU here: -ot changes nothing, every tensor is in RAM.")
+    from moelocal import layout
+
     plan = planner.plan_model(summary, hw, options, n_gpu_layers=flags.ngl, n_cpu_moe=flags.n_cpu_moe,
-                              cpu_moe=flags.cpu_moe, ctx_requested=ctx is not None)
+                              cpu_moe=flags.cpu_moe, overrides=layout.parse_tensor_overrides(flags.overrides, hw),
+                              ctx_requested=ctx is not None)
     if not plan.fits:
         short = ", ".join(f"{_output.human_bytes(n)} more {'RAM' if d == 'cpu' else 'memory on ' + d.upper()}"
                           for d, n in plan.shortfall().items())
