@@ -13,8 +13,12 @@ import re
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from moelocal.errors import HardwareSpecError
+
+if TYPE_CHECKING:
+    from moelocal.speed import Calibration
 
 GiB = 1 << 30
 GB = 1e9
@@ -154,6 +158,10 @@ class Hardware:
     has_amx: bool = False
     overridden: tuple[str, ...] = field(default=())  # which values came from the user
     network_bandwidth: float = DEFAULT_NET_BW  # to the workers (bytes/s)
+    # cpu_bandwidth is a spec-sheet figure (--cpu-bw) rather than what the probe read here: the speed
+    # model turns it into achieved bandwidth with a lower factor (speed.CPU_RATED_EFFICIENCY)
+    cpu_bw_rated: bool = False
+    calibration: Calibration | None = None  # measured on this machine (moelocal bench); None: the defaults
 
     @property
     def unified(self) -> bool:

@@ -33,7 +33,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from moelocal import gguf_model, hardware, memory, native, planner, testmodels  # noqa: E402
+from moelocal import gguf_model, hardware, memory, native, planner, speed, testmodels  # noqa: E402
 from moelocal.engine import Engine, SamplingParams  # noqa: E402
 from moelocal.plan import CPU, Placement, Plan, RunOptions  # noqa: E402
 
@@ -137,7 +137,7 @@ def active_bytes(summary: gguf_model.ModelSummary) -> float:
 
 def read_bytes(summary: gguf_model.ModelSummary, options: RunOptions) -> float:
     """Bytes one decoded token reads: the active weights and the KV cache at the predicted depth."""
-    depth = min(planner.DECODE_DEPTH, options.n_ctx // 2)
+    depth = min(speed.DECODE_DEPTH, options.n_ctx // 2)
     kv = sum(memory.kv_bytes_per_token(summary, il, options.kv_type) * depth for il in range(summary.n_layer))
     return active_bytes(summary) + kv
 
@@ -154,7 +154,7 @@ def implied(rows: list[dict], hw: hardware.Hardware, options: RunOptions) -> dic
     x = np.array([[r["read_bytes"], r["n_layer"]] for r in big])
     t = np.array([1 / r["measured_decode"] for r in big])
     (inv_bw, overhead), *_ = np.linalg.lstsq(x, t, rcond=None)
-    _, flops = planner._device_speed(hw, CPU, options.n_threads)
+    _, flops = speed._device_speed(hw, CPU, options.n_threads)
     ratios = [r["measured_prefill"] / r["predicted_prefill"] for r in big]
     threads = min(options.n_threads or hw.cpu_cores, hw.cpu_cores)
     return {
@@ -242,7 +242,7 @@ def run(args: argparse.Namespace, paths: dict[str, Path]) -> dict:
         "prompt_tokens": args.prompt,
         "gen_tokens": args.gen,
         "reps": args.reps,
-        "constants": {**{k: getattr(planner, k) for k in dir(planner) if k.startswith("CPU_")},
+        "constants": {**{k: getattr(speed, k) for k in dir(speed) if k.startswith("CPU_")},
                       "CPU_GFLOPS_PER_CORE": hardware.CPU_GFLOPS_PER_CORE},
         "implied": implied(rows, hw, options),
         "rows": rows,

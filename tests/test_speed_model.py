@@ -11,7 +11,7 @@ from dataclasses import replace
 import pytest
 from synthetic import qwen3moe_summary
 
-from moelocal import config, hardware, layout, memory, planner
+from moelocal import config, hardware, layout, memory, speed
 from moelocal.hardware import GPU, GiB, Hardware
 from moelocal.plan import Placement, RunOptions
 
@@ -30,11 +30,11 @@ def cpu_machine(bw: float = 60e9, flops: float = 8 * 55e9, cores: int = 8) -> Ha
 
 
 def decode(summary, hw: Hardware, options: RunOptions = OPTS, placement: Placement = CPU_ONLY) -> float:
-    return planner.predict(summary, placement, options, hw).decode_tps
+    return speed.predict(summary, placement, options, hw).decode_tps
 
 
 def prefill(summary, hw: Hardware, options: RunOptions = OPTS, placement: Placement = CPU_ONLY) -> float:
-    return planner.predict(summary, placement, options, hw).prefill_tps
+    return speed.predict(summary, placement, options, hw).prefill_tps
 
 
 def rounding(*tps: float) -> float:
@@ -48,7 +48,7 @@ def read_per_token(summary, options: RunOptions) -> float:
     share = summary.n_expert_used / summary.n_expert
     weights = sum(t.n_bytes * (share if t.role == "routed_experts" else 1) for t in summary.tensors
                   if t.name != "token_embd.weight")
-    depth = min(planner.DECODE_DEPTH, options.n_ctx // 2)
+    depth = min(speed.DECODE_DEPTH, options.n_ctx // 2)
     kv = sum(memory.kv_bytes_per_token(summary, il, options.kv_type) for il in range(summary.n_layer)) * depth
     return weights + kv
 
@@ -56,14 +56,14 @@ def read_per_token(summary, options: RunOptions) -> float:
 def test_cpu_decode_is_bytes_over_bandwidth_plus_a_cost_per_layer(q30b):
     hw = cpu_machine()
     tps = decode(q30b, hw)
-    expected = (read_per_token(q30b, OPTS) / (hw.cpu_bandwidth * planner.CPU_BW_EFFICIENCY)
-                + q30b.n_layer * planner.CPU_LAYER_OVERHEAD_S)
+    expected = (read_per_token(q30b, OPTS) / (hw.cpu_bandwidth * speed.CPU_BW_EFFICIENCY)
+                + q30b.n_layer * speed.CPU_LAYER_OVERHEAD_S)
     assert abs(1 / tps - expected) <= rounding(tps)
 
 
 def test_doubling_the_bandwidth_halves_the_time_spent_reading(q30b):
     slow, fast = decode(q30b, cpu_machine(bw=60e9)), decode(q30b, cpu_machine(bw=120e9))
-    overhead = q30b.n_layer * planner.CPU_LAYER_OVERHEAD_S
+    overhead = q30b.n_layer * speed.CPU_LAYER_OVERHEAD_S
     assert abs((1 / slow - overhead) - 2 * (1 / fast - overhead)) <= 3 * rounding(slow, fast)
     # a 30B MoE model is bandwidth-bound: nearly twice as fast, never more
     assert 1.8 < fast / slow < 2.0
@@ -72,7 +72,7 @@ def test_doubling_the_bandwidth_halves_the_time_spent_reading(q30b):
 def test_with_unlimited_bandwidth_only_the_per_layer_cost_is_left():
     hw = cpu_machine(bw=1e18)
     deep, shallow = qwen3moe_summary(n_layer=48), qwen3moe_summary(n_layer=24)
-    assert decode(deep, hw) == pytest.approx(1 / (48 * planner.CPU_LAYER_OVERHEAD_S), abs=0.01)
+    assert decode(deep, hw) == pytest.approx(1 / (48 * speed.CPU_LAYER_OVERHEAD_S), abs=0.01)
     assert decode(shallow, hw) == pytest.approx(2 * decode(deep, hw), abs=0.02)
 
 
@@ -84,7 +84,7 @@ def test_decode_reads_the_experts_a_token_uses_not_all_of_them():
     # of the experts, a token reads the same bytes in both; only the routers (F32, a row per expert) differ
     a, b = decode(many, hw), decode(few, hw)
     routers = many.n_layer * many.n_embd * (128 - 64) * 4
-    assert abs((1 / a - 1 / b) - routers / (hw.cpu_bandwidth * planner.CPU_BW_EFFICIENCY)) <= rounding(a, b)
+    assert abs((1 / a - 1 / b) - routers / (hw.cpu_bandwidth * speed.CPU_BW_EFFICIENCY)) <= rounding(a, b)
     assert decode(qwen3moe_summary(n_expert=128, n_used=16), hw) < decode(many, hw)
 
 
@@ -108,7 +108,7 @@ def test_the_kv_cache_read_grows_with_context_up_to_the_decode_depth(q30b):
     assert short > long
     # 512 tokens: read at depth 256; 2048: at depth 1024; the difference is 768 tokens of K and V
     per_token = sum(memory.kv_bytes_per_token(q30b, il) for il in range(q30b.n_layer))
-    extra = 768 * per_token / (hw.cpu_bandwidth * planner.CPU_BW_EFFICIENCY)
+    extra = 768 * per_token / (hw.cpu_bandwidth * speed.CPU_BW_EFFICIENCY)
     assert abs((1 / long - 1 / short) - extra) <= rounding(short, long)
     # past twice the decode depth the prediction no longer depends on the context
     assert decode(q30b, hw, RunOptions(n_ctx=4096)) == decode(q30b, hw, RunOptions(n_ctx=32768))
