@@ -337,7 +337,7 @@ def with_overrides(
         out = replace(out, ram_total=size, ram_available=size)
         changed.append("ram")
     if cpu_bw:
-        out = replace(out, cpu_bandwidth=parse_bandwidth(cpu_bw, "--cpu-bw"))
+        out = replace(out, cpu_bandwidth=parse_bandwidth(cpu_bw, "--cpu-bw"), cpu_bw_rated=True)
         changed.append("cpu_bw")
     return replace(out, overridden=tuple(dict.fromkeys(changed)))
 

@@ -103,6 +103,10 @@ class DeviceMemory:
 class Prediction:
     decode_tps: float
     prefill_tps: float
+    # how sure: the range decode speed should fall in, and what the figures rest on (speed.py)
+    decode_low: float = 0.0
+    decode_high: float = 0.0
+    basis: str = ""
 
 
 @dataclass(frozen=True)

@@ -282,6 +282,7 @@ def test_fit_json_has_the_documented_shape(q30b):
     plan = data["plans"][data["recommended"]]
     assert set(plan["placement"]) >= {"n_gpu_layers", "n_cpu_moe", "tensor_overrides"}
     assert set(plan["memory"]["gpu0"]) == {"weights", "kv", "compute", "output", "overhead", "total"}
-    assert set(plan["predicted"]) == {"decode_tps", "prefill_tps"}
+    assert set(plan["predicted"]) == {"decode_tps", "prefill_tps", "decode_low", "decode_high", "basis"}
+    assert plan["predicted"]["decode_low"] < plan["predicted"]["decode_tps"] < plan["predicted"]["decode_high"]
     assert plan["fits"] is True
     assert plan["placement"]["tensor_overrides"][0] == [r"blk\.0\.ffn_(up|down|gate|gate_up)_(ch|)exps", "cpu"]

@@ -6,14 +6,16 @@ Nothing here times this machine; scripts/bench_speed_model.py compares predictio
 from __future__ import annotations
 
 import json
+import statistics
 from dataclasses import replace
 
+import published
 import pytest
 from synthetic import qwen3moe_summary
 
 from moelocal import config, hardware, layout, memory, speed
 from moelocal.hardware import GPU, GiB, Hardware
-from moelocal.plan import Placement, RunOptions
+from moelocal.plan import CPU, Placement, RunOptions
 
 OPTS = RunOptions(n_ctx=8192)
 CPU_ONLY = Placement()
@@ -140,3 +142,116 @@ def test_a_probe_from_an_older_version_is_measured_again():
     path.write_text(json.dumps({"cpu": "test cpu", "bandwidth": 123.0, "probe": hardware.PROBE_VERSION}))
     assert hardware.cpu_bandwidth("test cpu") == 123.0
     assert hardware.cpu_bandwidth("another cpu") != 123.0  # another CPU model is measured for itself
+
+
+# ---- against published llama.cpp runs ----------------------------------------------------------
+
+
+def test_predictions_match_the_published_runs():
+    """Every row of tests/data/published_speeds.json (the seven seed rows and the ones found since), priced
+    as `fit --vram V --gpu-bw G --cpu-bw R --n-cpu-moe N` would: the median error at most 15%, three in
+    four within 25%, and every measurement inside the predicted range."""
+    rows = published.rows()
+    assert len(rows) >= 14 and sum(r["set"] == "seed" for r in rows) == 7
+    errors, outside = [], []
+    for row in rows:
+        p = published.plan(row).predicted
+        errors.append(abs(p.decode_tps / row["decode_tps"] - 1))
+        if not p.decode_low <= row["decode_tps"] <= p.decode_high:
+            outside.append((row["model"], row.get("n_cpu_moe"), p.decode_low, row["decode_tps"], p.decode_high))
+    errors.sort()
+    assert statistics.median(errors) <= 0.15, errors
+    assert sum(e <= 0.25 for e in errors) >= 0.75 * len(errors), errors
+    assert not outside
+    seed = [abs(published.plan(r).predicted.decode_tps / r["decode_tps"] - 1) for r in rows if r["set"] == "seed"]
+    assert statistics.median(seed) <= 0.15 and sum(e <= 0.25 for e in seed) >= 0.75 * len(seed), seed
+
+
+def test_published_shapes_weigh_what_the_real_files_do():
+    # file sizes of the real GGUFs: 18,556,685,824 B (Qwen's Q4_K_M), 12.1 GB and 63.4 GB (ggml-org's MXFP4)
+    assert published.model("Qwen3-30B-A3B", "Q4_K_M").tensor_bytes == pytest.approx(18.557e9, rel=0.005)
+    assert published.model("gpt-oss-20b", "MXFP4").tensor_bytes == pytest.approx(12.1e9, rel=0.01)
+    assert published.model("gpt-oss-120b", "MXFP4").tensor_bytes == pytest.approx(63.4e9, rel=0.01)
+
+
+def test_a_rated_figure_is_turned_into_achieved_bandwidth(q30b):
+    probe = cpu_machine(bw=64e9)
+    rated = replace(probe, cpu_bw_rated=True)
+    assert speed.cpu_decode_bandwidth(probe) == 64e9 * speed.CPU_BW_EFFICIENCY
+    achieved = 64e9 * speed.CPU_RATED_EFFICIENCY
+    assert speed.cpu_decode_bandwidth(rated) == pytest.approx(achieved / (1 + achieved / speed.CPU_SATURATION_BW))
+    assert decode(q30b, rated) < decode(q30b, probe)  # a spec sheet promises more than llama.cpp reads
+    # many channels: 12 x DDR5-4800 is 7.2x a dual-channel DDR5-4000 box, but decodes only 3.7x as fast
+    server = replace(rated, cpu_bandwidth=460.8e9)
+    assert speed.cpu_decode_bandwidth(server) / speed.cpu_decode_bandwidth(rated) == pytest.approx(3.71, abs=0.01)
+    # and a rated figure is less sure than a measured one
+    p_rated, p_probe = speed.predict(q30b, CPU_ONLY, OPTS, rated), speed.predict(q30b, CPU_ONLY, OPTS, probe)
+    assert p_rated.decode_high / p_rated.decode_low > p_probe.decode_high / p_probe.decode_low > 1.2
+    assert p_rated.basis == "from rated bandwidths"
+    assert p_probe.basis == "from this machine's measured RAM bandwidth"
+
+
+def test_a_calibration_replaces_the_default_factors_and_narrows_the_range(q30b):
+    hw = cpu_machine()
+    cal = replace(hw, calibration=speed.Calibration(cpu_decode_eff=0.5, cpu_prefill_eff=2.0, runs=3, source="test"))
+    base, calibrated = speed.predict(q30b, CPU_ONLY, OPTS, hw), speed.predict(q30b, CPU_ONLY, OPTS, cal)
+    expected = read_per_token(q30b, OPTS) / (hw.cpu_bandwidth * 0.5) + q30b.n_layer * speed.CPU_LAYER_OVERHEAD_S
+    assert abs(1 / calibrated.decode_tps - expected) <= rounding(calibrated.decode_tps)
+    assert calibrated.prefill_tps == pytest.approx(2 * base.prefill_tps, rel=1e-3)
+    assert calibrated.basis == "calibrated on this machine, 3 runs"
+    assert (calibrated.decode_high / calibrated.decode_low) < (base.decode_high / base.decode_low)
+    assert calibrated.decode_low < calibrated.decode_tps < calibrated.decode_high
+
+
+def test_the_range_holds_the_prediction_and_widens_with_spec_sheets(q30b):
+    gpu = GPU(name="test gpu", total=80 * GiB, free=80 * GiB, bandwidth=1000e9, tflops=100e12)
+    hw = replace(cpu_machine(), gpus=(gpu,), cpu_bw_rated=True)
+    placement = Placement(n_gpu_layers=q30b.n_layer + 1, n_cpu_moe=20, tensor_overrides=layout.n_cpu_moe_overrides(20),
+                          devices=("gpu0",))
+    p = speed.predict(q30b, placement, OPTS, hw)
+    assert p.decode_low < p.decode_tps < p.decode_high
+    # a token's time: the slowest case takes every part at its slowest factor
+    parts = speed.decode_parts(q30b, placement, OPTS, hw)
+    assert {what for _, what in parts} == {speed.EXPERTS, speed.WEIGHTS, speed.KV, speed.LAYERS, speed.HANDOFFS}
+    assert 1 / sum(parts.values()) == pytest.approx(p.decode_tps, abs=0.006)
+
+
+# ---- many sequences at once --------------------------------------------------------------------
+
+
+def test_n_sequences_read_the_dense_weights_once_and_the_union_of_their_experts(q30b):
+    hw = cpu_machine(bw=60e9, flops=1e15)  # compute never binds here
+    one = speed.decode_parts(q30b, CPU_ONLY, OPTS, hw)
+    four = speed.decode_parts(q30b, CPU_ONLY, OPTS, hw, n_seq=4)
+    e, k = q30b.n_expert, q30b.n_expert_used
+    union = e * (1 - (1 - k / e) ** 4)  # 29.2 of 128 experts a layer, not 4 x 8 = 32
+    assert four[(CPU, speed.EXPERTS)] == pytest.approx(one[(CPU, speed.EXPERTS)] * union / k)
+    assert four[(CPU, speed.WEIGHTS)] == pytest.approx(one[(CPU, speed.WEIGHTS)])
+    assert four[(CPU, speed.KV)] == pytest.approx(4 * one[(CPU, speed.KV)])
+    assert four[(CPU, speed.LAYERS)] == one[(CPU, speed.LAYERS)]
+    tps = [speed.throughput(q30b, CPU_ONLY, OPTS, hw, n) for n in (1, 2, 4, 8)]
+    assert tps[0] == pytest.approx(decode(q30b, hw), abs=0.01)
+    assert all(a < b for a, b in zip(tps, tps[1:], strict=False)), tps  # more sequences, more tokens a second ...
+    assert tps[3] < 8 * tps[0]  # ... but not 8 times as many: their experts differ
+
+
+def test_throughput_is_bound_by_compute_once_the_reads_are_shared(q30b):
+    slow_cpu = cpu_machine(bw=60e9, flops=50e9)
+    # 64 tokens' FLOPs (2 x 3.3B active parameters each) take 8.4 s at 50 GFLOP/s, far more than reading
+    tps = speed.throughput(q30b, CPU_ONLY, OPTS, slow_cpu, 64)
+    flops_per_token = 2 * sum(t.n_params * (q30b.n_expert_used / q30b.n_expert if t.role == "routed_experts" else 1)
+                              for t in q30b.tensors if t.role != "embeddings")
+    assert tps == pytest.approx(50e9 / flops_per_token, rel=0.05)
+
+
+def test_calibrating_on_one_model_predicts_another(q30b):
+    """What `moelocal bench` does: measure one model, then predict a different one on the same machine."""
+    truth = replace(cpu_machine(), calibration=speed.Calibration(cpu_decode_eff=0.55, cpu_prefill_eff=0.7, runs=1))
+    small = qwen3moe_summary(n_layer=24, n_expert=64)
+    measured = speed.predict(small, CPU_ONLY, OPTS, truth)  # stands in for what llama.cpp would reach
+    cal = speed.calibrate([speed.Measured(small, CPU_ONLY, OPTS, measured.decode_tps, measured.prefill_tps)],
+                          cpu_machine(), source="test")
+    assert cal.cpu_decode_eff == pytest.approx(0.55, rel=0.01) and cal.cpu_prefill_eff == pytest.approx(0.7, rel=0.01)
+    assert (cal.gpu_decode_eff, cal.gpu_prefill_eff, cal.runs, cal.source) == (None, None, 1, "test")
+    other = speed.predict(q30b, CPU_ONLY, OPTS, replace(cpu_machine(), calibration=cal))
+    assert other.decode_tps == pytest.approx(speed.predict(q30b, CPU_ONLY, OPTS, truth).decode_tps, rel=0.01)
