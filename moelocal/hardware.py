@@ -388,7 +388,7 @@ def detect(probe: bool = True) -> Hardware:
     name, flags = _cpu_info()
     gpus = _nvidia_gpus() or _apple_gpus(vm.total)
     bw = cpu_bandwidth(name) if probe else 20 * GB
-    return Hardware(
+    hw = Hardware(
         cpu_name=name,
         cpu_cores=cores,
         ram_total=vm.total,
@@ -398,6 +398,11 @@ def detect(probe: bool = True) -> Hardware:
         cpu_flops=cores * CPU_GFLOPS_PER_CORE * 1e9,
         has_amx="amx_tile" in flags or "amx_int8" in flags,
     )
+    if not probe:  # a stand-in bandwidth: factors measured against the probe's would not apply
+        return hw
+    from moelocal import calibration  # this machine's measured speeds (moelocal bench, runs)
+
+    return calibration.attach(hw)
 
 
 def _cpu_info() -> tuple[str, set[str]]:

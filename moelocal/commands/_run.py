@@ -205,9 +205,10 @@ def open_engine(model: str | None, flags: PlacementFlags, *, ctx: int | None, th
 def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None, threads: int | None,
                 n_seq: int = 1, hw=None) -> Engine:
     """Plan a resolved model and load it (see open_engine)."""
-    from moelocal import config, native
+    from moelocal import config, hardware, native
     from moelocal.engine import Engine
 
+    hw = hw if hw is not None else hardware.detect()
     plan = build_plan(summary, flags, ctx=ctx, threads=threads, n_seq=n_seq, hw=hw)
     if config.debug():
         native.set_log_echo(lambda _level, line: sys.stderr.write(line + "\n"))
@@ -217,7 +218,56 @@ def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx
         where = "RAM" if d.device == "cpu" else d.device.upper()
         warn(f"llama.cpp allocated {_output.human_bytes(d.measured)} of {where} where the plan expected "
                      f"{_output.human_bytes(d.planned)}; `moelocal fit` may misjudge this model")
+    _record_speeds(engine, summary, plan, hw)
     return engine
+
+
+def _record_speeds(engine: Engine, summary: ModelSummary, plan: Plan, hw) -> None:
+    """Let the engine's finished requests add their speeds to this machine's calibration
+    (calibration.Recorder), unless MOELOCAL_NO_CALIBRATE is set, the user described another machine,
+    the plan uses workers, or the threads are not llama.cpp's default (the factors assume it)."""
+    from moelocal import calibration, hardware
+
+    p, o = plan.placement, plan.options
+    if (not calibration.recording() or not calibration.applies(hw) or any(d.startswith("rpc") for d in p.devices)
+            or (o.n_threads and o.n_threads != hardware.default_threads()) or p.from_disk):
+        return
+    command = next((a for a in sys.argv[1:3] if a in ("chat", "generate", "batch", "serve")), "run")
+    observe(engine, calibration.Recorder(summary, p, o, hw, command))
+
+
+def observe(engine: Engine, sink) -> None:
+    """Hand the last chunk of every request ``engine`` runs to ``sink`` (one stream at a time only:
+    side-by-side sequences do not decode at one stream's speed)."""
+    generate, many = engine.generate, engine.generate_many
+
+    def watched(chunks):
+        for c in chunks:
+            yield c
+            if c.done and c.finish_reason != "error":
+                try:
+                    sink(c)
+                except Exception:  # measuring must never break a run
+                    pass
+
+    def generate_watched(*args, **kwargs):
+        return watched(generate(*args, **kwargs))  # generate checks its arguments now, not when iterated
+
+    def many_watched(requests, parallel=None):
+        chunks = many(requests, parallel)
+        return watched(chunks) if min(parallel or engine.n_seq_max, engine.n_seq_max) == 1 else chunks
+
+    engine.generate = generate_watched  # type: ignore[method-assign]
+    engine.generate_many = many_watched  # type: ignore[method-assign]
+
+
+def speed_line(engine: Engine, measured_tps: float) -> str:
+    """'speed: predicted 41.0 tok/s (from rated bandwidths), measured 38.2 (0.93x)' for /stats."""
+    pred = engine.plan.predicted
+    line = f"speed: predicted {pred.decode_tps:.1f} tok/s" + (f" ({pred.basis})" if pred.basis else "")
+    if measured_tps > 0 and pred.decode_tps > 0:
+        line += f", measured {measured_tps:.1f} ({measured_tps / pred.decode_tps:.2f}x)"
+    return line
 
 
 def _load_with_bar(engine_cls, path: Path, plan: Plan, label: str, workers: tuple[str, ...] = ()) -> Engine:

@@ -35,6 +35,7 @@ from moelocal.commands._run import (
     note,
     open_engine,
     sampling,
+    speed_line,
     status_line,
     warn,
 )
@@ -232,6 +233,7 @@ class Session:
         speed = (self.completion_tokens - self.turns) / self.generation_seconds if self.generation_seconds else 0.0
         lines.append(f"turns: {self.turns}, prompt tokens processed: {self.prompt_tokens}, "
                      f"tokens generated: {self.completion_tokens}, average {speed:.1f} tok/s")
+        lines.append(speed_line(e, speed))  # fit's prediction beside what this chat measured
         if self.last is not None:
             lines.append("last answer: " + status_line(e, s, self.last))
         _output.err.print("\n".join(lines), markup=False, highlight=False)
