@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import random
 import statistics
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, replace
 from typing import Annotated, Any
 
 import typer
@@ -147,7 +147,7 @@ def bench(
     if json:
         _output.print_json({
             "model": summary.name, "file": str(path), "machine": calibration.key(hw),
-            "threads": plan.options.n_threads or hardware.default_threads(),
+            "threads": plan.options.n_threads or hardware.default_threads(), "options": asdict(plan.options),
             "results": [r.to_dict() for r in results],
             "predicted_from": before, "recorded": recorded,
             "calibration": _cal_dict(after_hw.calibration),
@@ -239,11 +239,7 @@ def _run_plan(path, summary, plan, hw, n_prompt: int, n_gen: int, depths, reps: 
 
 
 def _cal_dict(cal) -> dict[str, Any] | None:
-    if cal is None:
-        return None
-    from dataclasses import asdict
-
-    return asdict(cal)
+    return None if cal is None else asdict(cal)
 
 
 def _render(summary, results: list[Result], hw) -> None:
