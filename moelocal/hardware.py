@@ -376,6 +376,32 @@ def with_workers(hw: Hardware, workers: Sequence[WorkerInfo], *, mem: Sequence[s
     return replace(out, overridden=tuple(dict.fromkeys(changed)))
 
 
+def usable_by_llama(hw: Hardware, llama_gpus: int, gpu_backends: Sequence[str] = (),
+                    why: str = "") -> tuple[Hardware, str | None]:
+    """``hw`` with only the local GPUs llama.cpp can use, and one line for people when that is not all
+    of them, or when a GPU build finds none (None when all is as detected).
+
+    ``llama_gpus``: how many GPU devices llama.cpp registered; ``gpu_backends``: the GPU backends it was
+    built with (CUDA, Metal ...; none for a CPU build); ``why``: what llama.cpp said, if anything. A CUDA
+    build on a machine without a usable driver registers no GPU: the plan is then the CPU's, as
+    llama.cpp itself would run it, instead of one that names a GPU it cannot reach.
+    """
+    local = [i for i, g in enumerate(hw.gpus) if not g.remote]
+    built = "/".join(gpu_backends)
+    reason = f" ({why})" if why else ""
+    if llama_gpus >= len(local):
+        if not local and gpu_backends and llama_gpus == 0:
+            return hw, f"llama.cpp is built for {built} but finds no usable GPU{reason}: running on the CPU"
+        return hw, None
+    keep = set(local[:llama_gpus])
+    out = replace(hw, gpus=tuple(g for i, g in enumerate(hw.gpus) if g.remote or i in keep))
+    where = "planning and running on the CPU" if llama_gpus == 0 else f"using the first {llama_gpus}"
+    if not gpu_backends:
+        return out, (f"this llama-cpp-python is a CPU-only build: the {len(local)} GPU(s) here go unused, {where} "
+                     "(reinstall it with scripts/install.sh --backend cuda to use them)")
+    return out, f"llama.cpp ({built}) can use {llama_gpus} of the {len(local)} GPU(s) here{reason}: {where}"
+
+
 # ---- detection -------------------------------------------------------------------------------
 
 

@@ -213,3 +213,52 @@ def test_a_cpu_only_machine_takes_the_flags_and_runs_everything_in_ram(models):
     for flags in (dict(n_gpu_layers=5), dict(cpu_moe=True), dict(overrides=[(r"exps", CPU)])):
         p = planner.forced_placement(summary, hw, **flags)
         assert p == Placement()
+
+
+# ---- a GPU build that finds no usable GPU ----------------------------------------------------
+
+
+def test_gpus_llama_cpp_cannot_use_are_left_out_with_one_line():
+    hw = hardware.with_workers(gpu_machine(n_gpus=2), [hardware.WorkerInfo("h:1", (hardware.WorkerDevice(GiB, GiB),),
+                                                                           (7, 0, 0))])
+    assert hardware.usable_by_llama(hw, 2, ("CUDA",)) == (hw, None)
+    why = "CUDA driver version is insufficient for CUDA runtime version"
+    out, line = hardware.usable_by_llama(hw, 0, ("CUDA",), why)
+    assert [g.backend for g in out.gpus] == ["rpc"] and out.gpu_names == ("rpc0",)
+    assert line == ("llama.cpp (CUDA) can use 0 of the 2 GPU(s) here (CUDA driver version is insufficient for CUDA "
+                    "runtime version): planning and running on the CPU")
+    one, line = hardware.usable_by_llama(hw, 1, ("CUDA",))
+    assert one.gpu_names == ("gpu0", "rpc0") and line.endswith("can use 1 of the 2 GPU(s) here: using the first 1")
+    cpu_build, line = hardware.usable_by_llama(hw, 0, ())
+    assert line.startswith("this llama-cpp-python is a CPU-only build: the 2 GPU(s) here go unused")
+    none = replace_gpus(hw, ())
+    assert hardware.usable_by_llama(none, 0, ()) == (none, None)
+    assert hardware.usable_by_llama(none, 0, ("CUDA",), "no CUDA-capable device is detected")[1] == (
+        "llama.cpp is built for CUDA but finds no usable GPU (no CUDA-capable device is detected): running on the CPU")
+
+
+def replace_gpus(hw: Hardware, gpus) -> Hardware:
+    from dataclasses import replace
+
+    return replace(hw, gpus=gpus)
+
+
+def test_a_cuda_build_without_a_usable_gpu_plans_and_runs_on_the_cpu(models, monkeypatch, capsys):
+    """llama.cpp's device list faked at the boundary: a CUDA build whose driver is too old registers
+    the CUDA backend but no device, while NVML still sees the card."""
+    from moelocal.commands import _run
+
+    cpu_only = [d for d in native.devices() if d.kind == "cpu"]
+    monkeypatch.setattr(native, "devices", lambda: cpu_only)
+    real_fn = native._fn
+    monkeypatch.setattr(native, "_fn", lambda name: (lambda b: 1 if b == b"CUDA" else real_fn(name)(b))
+                        if name == "ggml_backend_reg_by_name" else real_fn(name))
+    assert _run.llama_gpu_facts()[:2] == (0, ("CUDA",))
+    path = models["qwen3moe-q8_0"]
+    summary = read_summary(path)
+    card = gpu_machine(80 * GiB)  # what NVML reports: a GPU this llama.cpp cannot reach
+    with _run.load_engine(path, summary, PlacementFlags(), ctx=N_CTX, threads=1, hw=card) as e:
+        assert e.plan.placement == Placement() and e.memory.keys() == {CPU}
+        assert "".join(c.text for c in e.generate("hi", _run.sampling(temp=0, top_p=1, seed=1, max_tokens=4)))
+    err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
+    assert err == "Warning: llama.cpp (CUDA) can use 0 of the 1 GPU(s) here: planning and running on the CPU"

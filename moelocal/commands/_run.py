@@ -208,7 +208,8 @@ def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx
     from moelocal import config, hardware, native
     from moelocal.engine import Engine
 
-    hw = hw if hw is not None else hardware.detect()
+    detected = hw if hw is not None else hardware.detect()
+    hw = runnable_hardware(detected)
     plan = build_plan(summary, flags, ctx=ctx, threads=threads, n_seq=n_seq, hw=hw)
     if config.debug():
         native.set_log_echo(lambda _level, line: sys.stderr.write(line + "\n"))
@@ -218,8 +219,38 @@ def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx
         where = "RAM" if d.device == "cpu" else d.device.upper()
         warn(f"llama.cpp allocated {_output.human_bytes(d.measured)} of {where} where the plan expected "
                      f"{_output.human_bytes(d.planned)}; `moelocal fit` may misjudge this model")
-    _record_speeds(engine, summary, plan, hw)
+    _record_speeds(engine, summary, plan, detected)  # recorded under the machine as detected
     return engine
+
+
+GPU_BACKENDS = ("CUDA", "ROCm", "Metal", "Vulkan", "SYCL", "MUSA", "CANN")
+
+
+def llama_gpu_facts() -> tuple[int, tuple[str, ...], str]:
+    """What llama.cpp makes of this machine's GPUs: how many it registered, the GPU backends it was
+    built with, and the line its log gave when a backend found none (the boundary tests fake)."""
+    from moelocal import native
+
+    native.install_log()
+    with native.capture_log() as lines:
+        n = len(native.gpu_devices())
+        reg = native._fn("ggml_backend_reg_by_name")
+        built = tuple(b for b in GPU_BACKENDS if reg(b.encode()))
+    said = [text.strip() for _, text in lines if "CUDA" in text or "no devices" in text.lower()]
+    return n, built, said[-1].split(": ", 1)[-1] if said else ""
+
+
+def runnable_hardware(hw):
+    """``hw`` with only the GPUs this llama.cpp can use (hardware.usable_by_llama), saying why in one
+    line: a warning when GPUs were found but cannot be used, a note when a GPU build finds none."""
+    from moelocal import hardware
+
+    had = sum(not g.remote for g in hw.gpus)
+    n, built, why = llama_gpu_facts()
+    hw, message = hardware.usable_by_llama(hw, n, built, why)
+    if message:
+        (warn if had else note)(message)
+    return hw
 
 
 def _record_speeds(engine: Engine, summary: ModelSummary, plan: Plan, hw) -> None:

@@ -24,6 +24,7 @@ from moelocal.commands._run import (
     build_plan,
     note,
     resolve_model,
+    runnable_hardware,
 )
 from moelocal.errors import UsageError
 
@@ -122,6 +123,7 @@ def bench(
         raise UsageError(f"--ctx {n_ctx} cannot hold a depth of {max(depths)} and {max(n_prompt, n_gen)} more tokens",
                          f"use --ctx {need} or more, or a smaller --depth")
     flags = PlacementFlags(cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, overrides=tuple(override_tensor or ()))
+    detected, hw = hw, runnable_hardware(hw)  # the plan: what this llama.cpp can run; the record: this machine
     plan = build_plan(summary, flags, ctx=n_ctx, threads=threads, hw=hw)
     plans = [plan] + (_neighbours(summary, plan, hw) if sweep else [])
     if sweep and len(plans) == 1:
@@ -137,16 +139,16 @@ def bench(
     default_threads = threads is None or threads == hardware.default_threads()
     if not no_record and default_threads and calibration.applies(hw):
         found = calibration.factors(measured, hw)
-        calibration.add(hw, calibration.Record("bench", summary.name, plan.placement.describe(summary.n_layer),
+        calibration.add(detected, calibration.Record("bench", summary.name, plan.placement.describe(summary.n_layer),
                                                found, tests=tuple(r.to_dict() for r in results)))
         recorded = bool(found)
-    after_hw = calibration.attach(hw)
+    after_hw = replace(hw, calibration=calibration.attach(detected).calibration)
     from moelocal import speed
 
     after = speed.predict(summary, plan.placement, plan.options, after_hw)
     if json:
         _output.print_json({
-            "model": summary.name, "file": str(path), "machine": calibration.key(hw),
+            "model": summary.name, "file": str(path), "machine": calibration.key(detected),
             "threads": plan.options.n_threads or hardware.default_threads(), "options": asdict(plan.options),
             "results": [r.to_dict() for r in results],
             "predicted_from": before, "recorded": recorded,
