@@ -12,7 +12,7 @@ import platform
 import re
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import asdict, dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from moelocal.errors import HardwareSpecError
@@ -66,7 +66,34 @@ GPU_TABLE: dict[str, tuple[float, float]] = {
     "rtx 3070": (448, 81),
     "rtx 3060 ti": (448, 65),
     "rtx 3060": (360, 51),
+    "rtx 3070 ti": (608, 87),
+    "rtx 3050": (224, 36),
     "rtx 2080 ti": (616, 108),
+    "rtx 2080 super": (496, 89),
+    "rtx 2080": (448, 80),
+    "rtx 2070 super": (448, 72),
+    "rtx 2070": (448, 60),
+    "rtx 2060": (336, 52),
+    "quadro rtx 8000": (672, 130),
+    "quadro rtx 6000": (672, 130),
+    "quadro rtx 5000": (448, 89),
+    "quadro rtx 4000": (416, 57),
+    "rtx a6000": (768, 155),
+    "rtx a5000": (768, 111),
+    "rtx a4000": (448, 77),
+    "rtx 4000 ada": (360, 107),
+    "gtx 1080 ti": (484, 11),
+    "gtx 1080": (320, 9),
+    "gtx 1070": (256, 6.5),
+    "titan rtx": (672, 130),
+    "p100": (732, 19),
+    "p40": (347, 12),
+    "rx 9070 xt": (640, 195),
+    "rx 7900 xtx": (960, 123),
+    "rx 7900 xt": (800, 103),
+    "rx 6900 xt": (512, 46),
+    "rx 6800 xt": (512, 41),
+    "mi50": (1024, 27),
     "apple m1 ultra": (800, 21),
     "apple m1 max": (400, 10.6),
     "apple m1 pro": (200, 5.3),
@@ -82,6 +109,22 @@ GPU_TABLE: dict[str, tuple[float, float]] = {
     "apple m4 max": (546, 17),
     "apple m4 pro": (273, 9),
     "apple m4": (120, 4.3),
+}
+# Memory (GiB) of the cards `--gpu NAME` describes, where one size is what people mean by the name (the
+# common one where there are several: an A100 is its 80 GB card unless named "a100 40gb"). Apple's GPUs share
+# RAM, so they need --vram.
+GPU_VRAM_GIB: dict[str, float] = {
+    "h200": 141, "h100 sxm": 80, "h100 nvl": 94, "h100": 80, "gh200": 96, "b200": 180, "a100-sxm4-80gb": 80,
+    "a100 80gb": 80, "a100 40gb": 40, "a100": 80, "l40s": 48, "l40": 48, "l4": 24, "a10g": 24, "a10": 24, "t4": 16,
+    "v100": 32, "a6000": 48, "rtx a6000": 48, "rtx a5000": 24, "rtx a4000": 16, "rtx 6000 ada": 48,
+    "rtx 4000 ada": 20, "rtx pro 6000": 96, "rtx 5090": 32, "rtx 5080": 16, "rtx 5070 ti": 16, "rtx 5070": 12,
+    "rtx 5060 ti": 16, "rtx 4090": 24, "rtx 4080 super": 16, "rtx 4080": 16, "rtx 4070 ti super": 16,
+    "rtx 4070 ti": 12, "rtx 4070 super": 12, "rtx 4070": 12, "rtx 4060 ti": 16, "rtx 4060": 8, "rtx 3090 ti": 24,
+    "rtx 3090": 24, "rtx 3080 ti": 12, "rtx 3080": 10, "rtx 3070 ti": 8, "rtx 3070": 8, "rtx 3060 ti": 8,
+    "rtx 3060": 12, "rtx 3050": 8, "rtx 2080 ti": 11, "rtx 2080 super": 8, "rtx 2080": 8, "rtx 2070 super": 8,
+    "rtx 2070": 8, "rtx 2060": 6, "quadro rtx 8000": 48, "quadro rtx 6000": 24, "quadro rtx 5000": 16,
+    "quadro rtx 4000": 8, "titan rtx": 24, "gtx 1080 ti": 11, "gtx 1080": 8, "gtx 1070": 8, "p100": 16, "p40": 24,
+    "rx 9070 xt": 16, "rx 7900 xtx": 24, "rx 7900 xt": 20, "rx 6900 xt": 16, "rx 6800 xt": 16, "mi50": 32,
 }
 # A GPU we do not know (or one given only by --vram): a mid-range card. Override with --gpu-bw.
 DEFAULT_GPU = (500.0, 80.0)
@@ -198,6 +241,7 @@ class Hardware:
                 "bandwidth": self.cpu_bandwidth,
                 "flops": self.cpu_flops,
                 "amx": self.has_amx,
+                "bandwidth_rated": self.cpu_bw_rated,  # a spec-sheet figure (--cpu-bw), not the probe's
             },
             "ram": {"total": self.ram_total, "available": self.ram_available},
             "gpus": [
@@ -215,6 +259,7 @@ class Hardware:
             ],
             **({"network_bandwidth": self.network_bandwidth} if any(g.remote for g in self.gpus) else {}),
             "overridden": list(self.overridden),
+            **({"calibration": asdict(self.calibration)} if self.calibration is not None else {}),
         }
 
 
@@ -283,6 +328,61 @@ def parse_network_bandwidth(text: str, what: str = "--net-bw") -> float:
     return parse_bandwidth(text, what)
 
 
+def _gpu_key(text: str) -> str:
+    """A GPU name as the tables spell it: lowercase, single spaces, without the vendor's brand words."""
+    words = re.sub(r"[^a-z0-9-]+", " ", text.lower()).split()
+    return " ".join(w for w in words if w not in ("nvidia", "geforce", "amd", "radeon", "tesla", "gb"))
+
+
+def _gpu_label(key: str) -> str:
+    """'rtx 3070 ti' -> 'RTX 3070 Ti', for people."""
+    special = {"ti": "Ti", "super": "SUPER", "ada": "Ada", "pro": "PRO", "quadro": "Quadro", "titan": "TITAN",
+               "apple": "Apple", "ultra": "Ultra", "max": "Max"}
+    return " ".join(special.get(w, w.upper()) for w in key.split())
+
+
+def lookup_gpu(name: str) -> tuple[str, float, float, int | None]:
+    """(label, rated bandwidth bytes/s, FLOP/s, memory bytes or None) of a GPU named the way people name it
+    ("RTX 3090", "rtx3090", "NVIDIA GeForce RTX 4090", "3090"); a HardwareSpecError naming the nearest
+    names in moelocal's table when it is not there."""
+    import difflib
+
+    key = _gpu_key(name)
+    key = re.sub(r"\b(rtx|gtx|rx)(\d)", r"\1 \2", key)  # "rtx3090" -> "rtx 3090"
+    key = re.sub(r"(\d)(ti|super|xtx|xt)\b", r"\1 \2", key)  # "3070ti" -> "3070 ti"
+    candidates = [k for k in (key, f"rtx {key}", f"gtx {key}", f"rx {key}") if k in GPU_TABLE]
+    if not candidates:
+        near = difflib.get_close_matches(key, list(GPU_TABLE), n=3, cutoff=0.5)
+        hint = ("nearest: " + ", ".join(_gpu_label(n) for n in near)) if near else \
+            "give its memory and bandwidth instead: --vram 24GiB --gpu-bw 936GB/s"
+        raise HardwareSpecError(f"unknown GPU {name!r} for --gpu", hint)
+    k = candidates[0]
+    bw, tf = GPU_TABLE[k]
+    vram = GPU_VRAM_GIB.get(k)
+    return _gpu_label(k), bw * GB, tf * 1e12, int(vram * GiB) if vram else None
+
+
+_DDR_RE = re.compile(r"^(?:(lp)?ddr([2-6])x?)?-?(\d{3,5})(?:mt/?s|mhz)?(?:x(\d{1,2}))?$")
+
+
+def parse_ram_bandwidth(text: str, what: str = "--cpu-bw") -> float:
+    """RAM bandwidth from a spec ('DDR5-6000x2': MT/s x 8 bytes x channels; 'DDR4-3200' is dual channel)
+    or a rated figure ('96GB/s', '96')."""
+    t = str(text).strip().lower().replace(" ", "").replace("_", "-")
+    m = _DDR_RE.match(t)
+    if m and (m.group(2) or "x" in t or "mt" in t or "mhz" in t):
+        mts, channels = int(m.group(3)), int(m.group(4) or 2)
+        if not 200 <= mts <= 20000 or not 1 <= channels <= 24:
+            raise HardwareSpecError(f"cannot read {what} {text!r}: {mts} MT/s x {channels} channels",
+                                    "write it like DDR5-6000x2 (MT/s x channels) or 96GB/s")
+        return mts * 1e6 * 8 * channels
+    try:
+        return parse_bandwidth(text, what)
+    except HardwareSpecError:
+        raise HardwareSpecError(f"cannot read {what} {text!r}",
+                                "write it like DDR5-6000x2 (MT/s x 64-bit channels), DDR4-3200x4 or 96GB/s") from None
+
+
 def gpu_specs(name: str) -> tuple[float, float]:
     """(bandwidth bytes/s, FLOP/s) for a GPU name, from the table or the default."""
     lower = name.lower()
@@ -299,15 +399,37 @@ def gpu_specs(name: str) -> tuple[float, float]:
 def with_overrides(
     hw: Hardware,
     *,
+    gpu: list[str] | None = None,
     vram: list[str] | None = None,
     ram: str | None = None,
     no_gpu: bool = False,
     gpu_bw: str | None = None,
     cpu_bw: str | None = None,
 ) -> Hardware:
-    """Describe another machine: replace the detected values with the user's."""
+    """Describe another machine: replace the detected values with the user's.
+
+    ``gpu``: cards by name (moelocal's table gives their memory and rated bandwidth; repeat or
+    comma-separate), whose memory --vram may still set. Bandwidths are rated figures: ``cpu_bw`` a RAM
+    spec (DDR5-6000x2) or GB/s figure, marked rated so that the speed model discounts it."""
     changed = list(hw.overridden)
     gpus = hw.gpus
+    names = [n.strip() for part in (gpu or ()) for n in str(part).split(",") if n.strip()]
+    if names and not no_gpu:
+        sizes = [v for part in (vram or ()) for v in str(part).split(",") if v.strip()]
+        if len(sizes) > len(names):
+            raise HardwareSpecError(f"--vram gives {len(sizes)} sizes for {len(names)} --gpu card(s)",
+                                    "give one size per card, in --gpu order, or leave --vram out")
+        named = []
+        for i, name in enumerate(names):
+            label, bw, tf, mem = lookup_gpu(name)
+            if i < len(sizes):
+                mem = parse_size(sizes[i], "--vram")
+            if not mem or mem <= 0:
+                raise HardwareSpecError(f"--gpu {name!r} has no fixed memory size", "add --vram for it")
+            named.append(GPU(name=label, total=mem, free=mem, bandwidth=bw, tflops=tf))
+        gpus = tuple(named)
+        changed.append("gpu")
+        vram = None
     if no_gpu:
         gpus = ()
         changed.append("no_gpu")
@@ -337,7 +459,7 @@ def with_overrides(
         out = replace(out, ram_total=size, ram_available=size)
         changed.append("ram")
     if cpu_bw:
-        out = replace(out, cpu_bandwidth=parse_bandwidth(cpu_bw, "--cpu-bw"), cpu_bw_rated=True)
+        out = replace(out, cpu_bandwidth=parse_ram_bandwidth(cpu_bw, "--cpu-bw"), cpu_bw_rated=True)
         changed.append("cpu_bw")
     return replace(out, overridden=tuple(dict.fromkeys(changed)))
 

@@ -255,13 +255,13 @@ def decode_range(parts: dict[tuple[str, str], float], hw: Hardware) -> tuple[flo
 
 def basis_text(hw: Hardware, devices: tuple[str, ...] = ()) -> str:
     """What the prediction rests on, for people: 'calibrated on this machine, 3 runs', 'from rated
-    bandwidths', or 'from this machine's measured RAM bandwidth'."""
+    bandwidths', or 'from the RAM bandwidth measured here'."""
     cal = hw.calibration
     if cal is not None and cal.runs > 0 and any(_basis(hw, d) == "calibrated" for d in (CPU, *devices)):
         return f"calibrated on this machine, {cal.runs} run{'s' if cal.runs != 1 else ''}"
     if hw.cpu_bw_rated or devices:
         return "from rated bandwidths"
-    return "from this machine's measured RAM bandwidth"
+    return "from the RAM bandwidth measured here"
 
 
 def predict(summary: ModelSummary, placement: Placement, options: RunOptions, hw: Hardware) -> Prediction:

@@ -17,6 +17,8 @@ Examples:
   python scripts/bench_speed_model.py                      # models in a temporary folder
   python scripts/bench_speed_model.py --dir /tmp/speedmodels --reps 7   # keep them for the next run
   python scripts/bench_speed_model.py --json
+  python scripts/bench_speed_model.py --published          # no measuring: fit's predictions for the published
+                                                           # runs in tests/data/published_speeds.json
 """
 
 from __future__ import annotations
@@ -174,7 +176,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=None, help="llama.cpp threads (default: the engine's default)")
     ap.add_argument("--only", default="", help="comma-separated model names to measure (default: all)")
     ap.add_argument("--json", action="store_true")
+    ap.add_argument("--published", action="store_true", help="print the published runs against fit's predictions")
     args = ap.parse_args()
+    if args.published:
+        published_table(args.json)
+        return
     native.install_log()  # keep llama.cpp's log off the terminal
     with tempfile.TemporaryDirectory(prefix="moelocal-speed-") as tmp:
         directory = args.dir or Path(tmp)
@@ -269,6 +275,36 @@ def print_table(r: dict) -> None:
         print(f"implied by the models of 64 MiB or more: {imp['bandwidth'] / 1e9:.1f} GB/s effective "
               f"(CPU_BW_EFFICIENCY {imp['bw_efficiency']:.2f}), {imp['layer_overhead_s'] * 1e6:.0f} us per layer, "
               f"{imp['gflops_per_thread']:.0f} GFLOP/s per thread in prompt processing")
+
+
+def published_table(as_json: bool) -> None:
+    """Each published run (tests/data/published_speeds.json) beside what fit predicts for it: the machine
+    as its rated figures describe it, the placement the run used."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tests"))
+    import published
+
+    rows = []
+    for r in published.rows():
+        p = published.plan(r).predicted
+        where = f"--n-cpu-moe {r['n_cpu_moe']}" if r.get("vram") and r.get("n_cpu_moe") else ""
+        if r.get("ngl") is not None and r.get("vram"):
+            where = f"-ngl {r['ngl']} " + where
+        rows.append({"model": r["model"], "quant": r["quant"], "machine": r.get("gpu") if r.get("vram") else "CPU only",
+                     "ram": r.get("ram_spec") or r["ram_bw_rated"], "placement": where.strip() or "-",
+                     "measured": r["decode_tps"], "predicted": p.decode_tps, "low": p.decode_low, "high": p.decode_high,
+                     "error": p.decode_tps / r["decode_tps"] - 1, "source": r.get("url", "")})
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    print("| model | quant | GPU | RAM | placement | measured | predicted (range) | error | source |")
+    print("|---|---|---|---|---|--:|--:|--:|---|")
+    for x in rows:
+        print(f"| {x['model']} | {x['quant']} | {x['machine']} | {x['ram']} | {x['placement']} | {x['measured']:.1f} | "
+              f"{x['predicted']:.1f} ({x['low']:.0f}-{x['high']:.0f}) | {x['error']:+.0%} | {x['source']} |")
+    errors = sorted(abs(x["error"]) for x in rows)
+    inside = sum(x["low"] <= x["measured"] <= x["high"] for x in rows)
+    print(f"\nmedian |error| {statistics.median(errors):.1%}; within 25%: {sum(e <= 0.25 for e in errors)}/"
+          f"{len(errors)}; measured inside the range: {inside}/{len(rows)}")
 
 
 if __name__ == "__main__":

@@ -21,6 +21,7 @@ from moelocal.gguf_model import read_summary
 from moelocal.plan import Placement, RunOptions
 
 FAST = ["-p", "64", "-n", "16", "-r", "2", "-d", "0", "-d", "128"]
+UNCALIBRATED = "from the RAM bandwidth measured here"  # speed.basis_text without a calibration
 
 
 def invoke(*args: str):
@@ -38,13 +39,13 @@ def test_bench_measures_records_and_fit_then_predicts_from_it(models):
     a, b = models["qwen3moe-q8_0"], models["gpt-oss-q8_0"]
     hw = hardware.detect()
     assert hw.calibration is None and calibration.records(hw) == []
-    assert basis_of_fit(b) == "from this machine's measured RAM bandwidth"
+    assert basis_of_fit(b) == UNCALIBRATED
 
     data = json.loads(invoke("bench", str(a), *FAST, "--json").stdout)
     assert [r["test"] for r in data["results"]] == ["pp64", "tg16", "pp64 @ d128", "tg16 @ d128"]
     assert all(r["tps"] > 0 and r["predicted"] > 0 for r in data["results"])
     assert all(r["ratio"] == round(r["tps"] / r["predicted"], 3) for r in data["results"])
-    assert data["predicted_from"] == "from this machine's measured RAM bandwidth" and data["recorded"] is True
+    assert data["predicted_from"] == UNCALIBRATED and data["recorded"] is True
     assert data["machine"] == calibration.key(hw) and f"llama.cpp {calibration.llama_cpp_version()}" in data["machine"]
 
     # the record, under this machine's key, in moelocal's app dir
@@ -90,7 +91,7 @@ def test_bench_measures_records_and_fit_then_predicts_from_it(models):
     assert hardware.detect().calibration.runs == 2 and basis_of_fit(a) == "calibrated on this machine, 2 runs"
     gone = json.loads(invoke("bench", "--reset", "--json").stdout)
     assert gone == {"reset": True, "records": 2, "machine": calibration.key(hw)}
-    assert hardware.detect().calibration is None and basis_of_fit(b) == "from this machine's measured RAM bandwidth"
+    assert hardware.detect().calibration is None and basis_of_fit(b) == UNCALIBRATED
 
 
 def test_describing_another_machine_leaves_the_calibration_out(models):

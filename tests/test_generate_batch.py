@@ -115,7 +115,8 @@ def test_an_interrupted_batch_resumes_with_no_id_lost_or_repeated(model, tmp_pat
     src.write_text("".join(json.dumps({"id": i, "prompt": f"Question {i}: what is the sea?"}) + "\n" for i in ids))
     out = tmp_path / "out.jsonl"
     args = ("batch", model, str(src), "--seed", "3", "-n", "400", "--ignore-eos", *FAST)
-    proc = subprocess.Popen([sys.executable, "-m", "moelocal", *args, "-o", str(out)],
+    # two at a time: answers land in pairs while the rest still run (the default may run all 8 together)
+    proc = subprocess.Popen([sys.executable, "-m", "moelocal", *args, "-o", str(out), "--parallel", "2"],
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline and (not out.exists() or out.read_text().count("\n") < 2):

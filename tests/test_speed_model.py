@@ -14,6 +14,7 @@ import pytest
 from synthetic import qwen3moe_summary
 
 from moelocal import config, hardware, layout, memory, speed
+from moelocal.errors import HardwareSpecError
 from moelocal.hardware import GPU, GiB, Hardware
 from moelocal.plan import CPU, Placement, RunOptions
 
@@ -188,7 +189,7 @@ def test_a_rated_figure_is_turned_into_achieved_bandwidth(q30b):
     p_rated, p_probe = speed.predict(q30b, CPU_ONLY, OPTS, rated), speed.predict(q30b, CPU_ONLY, OPTS, probe)
     assert p_rated.decode_high / p_rated.decode_low > p_probe.decode_high / p_probe.decode_low > 1.2
     assert p_rated.basis == "from rated bandwidths"
-    assert p_probe.basis == "from this machine's measured RAM bandwidth"
+    assert p_probe.basis == "from the RAM bandwidth measured here"
 
 
 def test_a_calibration_replaces_the_default_factors_and_narrows_the_range(q30b):
@@ -255,3 +256,78 @@ def test_calibrating_on_one_model_predicts_another(q30b):
     assert (cal.gpu_decode_eff, cal.gpu_prefill_eff, cal.runs, cal.source) == (None, None, 1, "test")
     other = speed.predict(q30b, CPU_ONLY, OPTS, replace(cpu_machine(), calibration=cal))
     assert other.decode_tps == pytest.approx(speed.predict(q30b, CPU_ONLY, OPTS, truth).decode_tps, rel=0.01)
+
+
+# ---- describing another machine the way people know it ------------------------------------------
+
+
+def test_gpus_are_found_by_the_names_people_use():
+    assert hardware.lookup_gpu("RTX 3090") == ("RTX 3090", 936e9, 142e12, 24 * GiB)
+    for spelling in ("rtx3090", "NVIDIA GeForce RTX 3090", "3090", "  rtx  3090 "):
+        assert hardware.lookup_gpu(spelling)[0] == "RTX 3090"
+    assert hardware.lookup_gpu("rtx 3070ti")[:2] == ("RTX 3070 Ti", 608e9)
+    assert hardware.lookup_gpu("Quadro RTX 5000")[1:] == (448e9, 89e12, 16 * GiB)
+    with pytest.raises(HardwareSpecError) as err:
+        hardware.lookup_gpu("RTX 3095")
+    assert "unknown GPU 'RTX 3095'" in str(err.value) and "RTX 3090" in err.value.hint
+    assert hardware.lookup_gpu("apple m2 max")[3] is None  # shares RAM: no size of its own
+
+
+def test_gpu_names_describe_the_cards_and_vram_still_sets_their_memory():
+    base = cpu_machine()
+    hw = hardware.with_overrides(base, gpu=["RTX 4090,RTX 3090", "RTX 3060"])
+    assert [(g.name, g.total, g.bandwidth) for g in hw.gpus] == [
+        ("RTX 4090", 24 * GiB, 1008e9), ("RTX 3090", 24 * GiB, 936e9), ("RTX 3060", 12 * GiB, 360e9)]
+    assert "gpu" in hw.overridden
+    hw = hardware.with_overrides(base, gpu=["RTX 3090"], vram=["20GiB"], gpu_bw="1000GB/s")
+    assert [(g.total, g.free, g.bandwidth) for g in hw.gpus] == [(20 * GiB, 20 * GiB, 1000e9)]
+    with pytest.raises(HardwareSpecError):
+        hardware.with_overrides(base, gpu=["RTX 3090"], vram=["20GiB", "12GiB"])
+    with pytest.raises(HardwareSpecError):
+        hardware.with_overrides(base, gpu=["Apple M2 Max"])  # needs --vram
+    assert hardware.with_overrides(base, gpu=["RTX 3090"], no_gpu=True).gpus == ()
+
+
+def test_ram_bandwidth_as_a_spec_or_a_rated_figure():
+    assert hardware.parse_ram_bandwidth("DDR5-6000x2") == 96e9  # 6000 MT/s x 8 bytes x 2 channels
+    assert hardware.parse_ram_bandwidth("ddr4-3200x4") == 102.4e9
+    assert hardware.parse_ram_bandwidth("DDR5-5600") == 89.6e9  # a desktop's two channels unless said
+    assert hardware.parse_ram_bandwidth("DDR5-4800 x 12") == 460.8e9
+    assert hardware.parse_ram_bandwidth("96GB/s") == hardware.parse_ram_bandwidth("96") == 96e9
+    for bad in ("fast", "DDR5-6000x99", "DDR9-6000x2"):
+        with pytest.raises(HardwareSpecError):
+            hardware.parse_ram_bandwidth(bad)
+    hw = hardware.with_overrides(cpu_machine(), cpu_bw="DDR5-6000x2")
+    assert (hw.cpu_bandwidth, hw.cpu_bw_rated) == (96e9, True)
+    assert not cpu_machine().cpu_bw_rated  # what the probe measured here is not a rating
+
+
+def test_fit_takes_gpu_names_and_ram_specs(capsys):
+    from moelocal import cli
+
+    try:
+        cli.main(["fit", "--gpu", "RTX 3090", "--cpu-bw", "DDR5-6000x2", "--ram", "64GiB", "--json"])
+        code = 0
+    except SystemExit as exc:
+        code = exc.code or 0
+    out, _ = capsys.readouterr()
+    data = json.loads(out[out.index("{"):])
+    assert code == 0
+    gpus = [(g["name"], g["total"], g["bandwidth"]) for g in data["hardware"]["gpus"]]
+    assert gpus == [("RTX 3090", 24 * GiB, 936e9)]
+    assert data["hardware"]["cpu"]["bandwidth"] == 96e9
+    assert data["plans"][data["recommended"]]["predicted"]["basis"] == "from rated bandwidths"
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["fit", "--gpu", "RTX 3095"])
+    assert exc.value.code == 2
+    assert "nearest: RTX 3090" in capsys.readouterr().err
+
+
+def test_the_machine_says_what_its_figures_rest_on():
+    cal = speed.Calibration(cpu_decode_eff=0.6, runs=2, source="t")
+    hw = replace(cpu_machine(), cpu_bw_rated=True, calibration=cal)
+    d = hw.to_dict()
+    assert d["cpu"]["bandwidth_rated"] is True
+    assert d["calibration"] == {"cpu_decode_eff": 0.6, "cpu_prefill_eff": None, "gpu_decode_eff": None,
+                                "gpu_prefill_eff": None, "runs": 2, "source": "t"}
+    assert "calibration" not in cpu_machine().to_dict()

@@ -43,8 +43,8 @@ from moelocal.errors import EngineError, UsageError
 # Per-line sampling keys and the SamplingParams field each sets.
 LINE_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
                "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop"}
-# Requests at once when a GPU runs layers. On the CPU alone one at a time is as fast: measured with
-# scripts/bench_engine.py --parallel 4, four sequences per batch gave 0.93-1.00x the throughput of one.
+# Requests at once when a GPU ran layers, before the default came from the predicted throughput
+# (explain.choose_parallel: an MoE's N sequences share the dense weights and many of their experts).
 GPU_PARALLEL = 4
 # Context per sequence when --ctx is not given: batch prompts are short, and n sequences share the cache.
 BATCH_CTX = 4096
@@ -69,9 +69,9 @@ def batch(
     output: Annotated[Path | None, typer.Option("--output", "-o", help="JSONL output, appended to; ids already "
                                                 "in it are skipped, so a re-run resumes. Default: stdout.")] = None,
     parallel: Annotated[int | None, typer.Option("--parallel", "-np", help="Requests run at once, as llama.cpp "
-                                                 "parallel sequences sharing each batch. Default: "
-                                                 f"{GPU_PARALLEL} with a GPU, 1 on the CPU alone (where it "
-                                                 "measured no faster).", show_default=False)] = None,
+                                                 "parallel sequences sharing each batch. Default: as many as "
+                                                 "decode fastest in all (predicted; up to 16) while their KV "
+                                                 "caches fit.", show_default=False)] = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
     temp: TempOpt = 0.8,
@@ -127,8 +127,14 @@ def batch(
     from moelocal import hardware  # imported late, like everything heavy
 
     hw = hardware.detect()
-    if parallel is None:
-        parallel = GPU_PARALLEL if hw.gpus and ngl != 0 else 1
+    if parallel is None:  # the most predicted tokens/s whose N sequences' KV cache still fits (explain.py)
+        from moelocal.explain import choose_parallel
+        from moelocal.plan import RunOptions
+
+        per_seq = RunOptions(n_ctx=ctx or min(BATCH_CTX, summary.context_length or BATCH_CTX), kv_type=kv_type,
+                             flash_attn=flash_attn, n_threads=threads)
+        parallel = choose_parallel(summary, hw, per_seq, len(runnable), n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe,
+                                   cpu_moe=cpu_moe)
     n_seq = max(1, min(parallel, len(runnable)))
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,

@@ -42,12 +42,18 @@ def fit(
     kv_type: Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0.")] = "f16",
     flash_attn: Annotated[bool, typer.Option("--flash-attn/--no-flash-attn",
                                              help="Plan for flash attention (on by default).")] = True,
+    gpu: Annotated[list[str] | None, typer.Option("--gpu", help="Plan for these cards, by name: memory and rated "
+                                                  "bandwidth from moelocal's table; repeat or comma-separate "
+                                                  "(\"RTX 3090\", \"RTX 4090,RTX 3090\").")] = None,
     vram: Annotated[list[str] | None, typer.Option("--vram", help="Plan for GPUs with this much memory: "
                                                    "repeat or comma-separate for several (24GiB,12GiB).")] = None,
     ram: Annotated[str | None, typer.Option("--ram", help="Plan for this much free RAM (64GiB).")] = None,
     no_gpu: Annotated[bool, typer.Option("--no-gpu", help="Plan for the CPU alone.")] = False,
-    gpu_bw: Annotated[str | None, typer.Option("--gpu-bw", help="GPU memory bandwidth (936GB/s).")] = None,
-    cpu_bw: Annotated[str | None, typer.Option("--cpu-bw", help="CPU memory bandwidth (80GB/s).")] = None,
+    gpu_bw: Annotated[str | None, typer.Option("--gpu-bw", help="GPU memory bandwidth as rated on its spec sheet "
+                                               "(936GB/s); moelocal works out what decoding achieves of it.")] = None,
+    cpu_bw: Annotated[str | None, typer.Option("--cpu-bw", help="RAM bandwidth as rated: a spec, DDR5-6000x2 "
+                                               "(MT/s x 8 bytes x channels), or a figure, 96GB/s; moelocal "
+                                               "works out what llama.cpp achieves of it (about 40-85%).")] = None,
     worker: WorkerOpt = None,
     worker_mem: WorkerMemOpt = None,
     net_bw: NetBwOpt = None,
@@ -83,6 +89,8 @@ def fit(
 
       moelocal fit model.gguf --vram 24GiB --ram 64GiB --ctx 32768
 
+      moelocal fit model.gguf --gpu "RTX 3090" --ram 64GiB --cpu-bw DDR5-6000x2
+
       moelocal fit ./quants/ --vram 12GiB,12GiB --json
 
       moelocal fit model.gguf --worker 192.168.1.20:50052 --net-bw 10Gbit
@@ -95,7 +103,7 @@ def fit(
         raise UsageError(f"unknown --kv-type {kv_type!r}", "use f16, q8_0 or q4_0")
     if ubatch <= 0:
         raise UsageError(f"--ubatch must be positive, got {ubatch}")
-    hw = hardware_options(vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
+    hw = hardware_options(gpu=gpu, vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
                           worker_mem=worker_mem, net_bw=net_bw)
     summaries = load_summaries(model)
     if ngl is not None and ngl < 0:
@@ -113,9 +121,9 @@ def fit(
     chosen = planner.rank_quants(summaries, results) if len(results) > 1 else (0 if results[0].best else None)
     if json:
         if len(results) == 1:
-            _output.print_json(results[0].to_dict())
+            _output.print_json(_with_explanation(results[0]))
         else:
-            _output.print_json({"models": [r.to_dict() for r in results], "recommended_model": chosen})
+            _output.print_json({"models": [_with_explanation(r) for r in results], "recommended_model": chosen})
     else:
         if len(results) > 1:
             render_ranking(results, chosen)
@@ -188,6 +196,7 @@ def render(result) -> None:
         out.print(f"memory: {mem}")
         out.print(f"llama.cpp: llama-server {_model_flag(s)} "
                   + " ".join(shlex.quote(f) for f in llama_cpp_flags(best, hw)))
+        render_explanation(result)
     if result.asked is not None:
         render_asked(result)
 
@@ -211,6 +220,50 @@ def render_asked(result) -> None:
                           for d, n in p.shortfall().items())
         out.print(f"  does not fit: needs {short or 'more memory'}")
     out.print(f"  llama.cpp: llama-server {_model_flag(s)} " + " ".join(shlex.quote(f) for f in llama_cpp_flags(p, hw)))
+
+
+def _with_explanation(result) -> dict:
+    from moelocal.explain import explain
+
+    data = result.to_dict()
+    why = explain(result)
+    data["explain"] = why.to_dict() if why is not None else None
+    return data
+
+
+def render_explanation(result) -> None:
+    """What bounds the speed, what would make it faster, how much context fits: short lines, 80 columns."""
+    from moelocal.explain import explain
+
+    why = explain(result)
+    if why is None:
+        return
+    hb, out = _output.human_bytes, _output.out
+    out.print(f"[bold]speed:[/bold] {_tps(why.decode_tps)} tok/s, likely {_tps(why.decode_low)}-"
+              f"{_tps(why.decode_high)} ({why.basis})")
+    for b in why.bounds[:2]:
+        out.print(f"  {b.text()}")
+    for f in why.faster:
+        out.print(f"[bold]faster:[/bold] {f.needs}: ~{_tps(f.decode_tps)} tok/s ({f.label})")
+    fits = [_ctx(c) for c, ok in why.context_fits if ok]
+    short = [_ctx(c) for c, ok in why.context_fits if not ok]
+    line = "[bold]context:[/bold] " + (" ".join(fits) + (" fit" if len(fits) > 1 else " fits") if fits else "")
+    if short:
+        line += ("; " if fits else "") + f"{short[0]} does not" + (f" (largest {_ctx(why.max_ctx)})" if fits else "")
+    out.print(line + " with this placement")
+    for kv in why.kv_options:
+        out.print(f"  KV cache {kv.kv_type}: saves {hb(kv.saves)}, fits {_ctx(kv.max_ctx)}: {' '.join(kv.flags)}")
+    if why.batch_tps:
+        out.print("[bold]batch:[/bold] " + ", ".join(f"{n} at once ~{_tps(t)} tok/s in all" for n, t in why.batch_tps))
+
+
+def _tps(x: float) -> str:
+    """Tokens/s for people: 3 significant digits, never an exponent."""
+    return f"{x:.0f}" if x >= 100 else f"{x:.3g}"
+
+
+def _ctx(n: int) -> str:
+    return f"{n // 1024}k" if n >= 1024 and n % 1024 == 0 else str(n)
 
 
 def _model_flag(s) -> str:
