@@ -30,6 +30,9 @@ from moelocal.errors import UsageError
 
 DEFAULT_DEPTHS = (0, 2048)  # a short context and a filled one
 MAX_SWEEP = 4
+# Repetitions that spread this much (stdev / median, with 3 or more) mean another program was using the
+# cores: such a bench is shown but not recorded, since it would teach fit this machine's busy moments.
+NOISY = 0.5
 
 
 @dataclass(frozen=True)
@@ -137,7 +140,8 @@ def bench(
         measured += ms
     recorded = False
     default_threads = threads is None or threads == hardware.default_threads()
-    if not no_record and default_threads and calibration.applies(hw):
+    noisy = [r for r in results if repetitions >= 3 and r.tps > 0 and r.stdev / r.tps > NOISY]
+    if not no_record and default_threads and calibration.applies(hw) and not noisy:
         found = calibration.factors(measured, hw)
         calibration.add(detected, calibration.Record("bench", summary.name, plan.placement.describe(summary.n_layer),
                                                found, tests=tuple(r.to_dict() for r in results)))
@@ -151,7 +155,7 @@ def bench(
             "model": summary.name, "file": str(path), "machine": calibration.key(detected),
             "threads": plan.options.n_threads or hardware.default_threads(), "options": asdict(plan.options),
             "results": [r.to_dict() for r in results],
-            "predicted_from": before, "recorded": recorded,
+            "predicted_from": before, "recorded": recorded, "noisy": [r.test for r in noisy],
             "calibration": _cal_dict(after_hw.calibration),
             "plan_now": {"decode_tps": after.decode_tps, "prefill_tps": after.prefill_tps, "basis": after.basis},
         })
@@ -164,6 +168,10 @@ def bench(
              f"({after.basis}; before: {before}).")
     elif not no_record and not default_threads:
         note("Not recorded: the calibration assumes llama.cpp's default threads (one per core); drop -t.")
+    elif not no_record and noisy:
+        worst = max(noisy, key=lambda r: r.stdev / r.tps)
+        note(f"Not recorded: {worst.test} varied by {worst.stdev / worst.tps:.0%} between repetitions (another "
+             "program was busy?); run bench again when the machine is idle.")
 
 
 def _neighbours(summary, plan, hw) -> list:
