@@ -461,7 +461,7 @@ def forced_placement(
         raise UsageError("--cpu-moe and --n-cpu-moe contradict each other", "give one of them")
     devices, split = _gpu_devices(hw)
     n = summary.n_layer
-    ngl = n + 1 if n_gpu_layers is None else max(0, n_gpu_layers)
+    ngl = n + 1 if n_gpu_layers is None else min(max(0, n_gpu_layers), n + 1)  # -ngl 999: every layer
     if not devices:
         ngl = 0
     if cpu_moe:

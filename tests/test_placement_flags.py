@@ -262,3 +262,11 @@ def test_a_cuda_build_without_a_usable_gpu_plans_and_runs_on_the_cpu(models, mon
         assert "".join(c.text for c in e.generate("hi", _run.sampling(temp=0, top_p=1, seed=1, max_tokens=4)))
     err = " ".join(capsys.readouterr().err.split())  # the console wraps long lines
     assert err == "Warning: llama.cpp (CUDA) can use 0 of the 1 GPU(s) here: planning and running on the CPU"
+
+
+def test_ngl_beyond_the_layers_is_every_layer_as_in_llama_cpp():
+    s = qwen3moe_summary()
+    hw = gpu_machine(80 * GiB)
+    asked = planner.forced_placement(s, hw, n_gpu_layers=999)
+    result = planner.fit(s, hw, RunOptions(n_ctx=4096), asked=asked)
+    assert asked.n_gpu_layers == s.n_layer + 1 and result.asked == result.recommended == 0
