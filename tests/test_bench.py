@@ -71,10 +71,12 @@ def test_bench_measures_records_and_fit_then_predicts_from_it(models):
                                                             ).decode_tps
     assert best["predicted"]["decode_tps"] != speed.predict(sb, Placement(), opts, base).decode_tps
 
-    # for the model it measured, every calibrated prediction is nearer what was measured (in log terms)
+    # for the model it measured, the calibrated predictions move toward what was measured: prompt speed
+    # lands on it (on average over the tests, a factor); decode moves the way the measurements point
     sa = read_summary(a)
-    cal_hw, old, new = replace(base, calibration=cal), 0.0, 0.0
+    cal_hw = replace(base, calibration=cal)
     plan_opts = RunOptions(**data["options"])
+    logs: dict[str, list[tuple[float, float]]] = {"prompt": [], "decode": []}
     for r in data["results"]:
         o = calibration.at_depth(plan_opts, r["depth"] + r["n_tokens"] // 2, r["n_tokens"] if r["kind"] == "prompt"
                                  else None)
@@ -82,9 +84,11 @@ def test_bench_measures_records_and_fit_then_predicts_from_it(models):
         before = getattr(speed.predict(sa, Placement(), o, base), key)
         after = getattr(speed.predict(sa, Placement(), o, cal_hw), key)
         assert before == pytest.approx(r["predicted"], rel=1e-6)
-        old += math.log(r["tps"] / before) ** 2
-        new += math.log(r["tps"] / after) ** 2
-    assert new < old
+        logs[r["kind"]].append((math.log(r["tps"] / before), math.log(after / before)))
+    off, moved = (sum(x[i] for x in logs["prompt"]) / 2 for i in (0, 1))
+    assert moved == pytest.approx(off, abs=0.01)
+    off, moved = (sum(x[i] for x in logs["decode"]) / 2 for i in (0, 1))
+    assert abs(off) < 0.1 or (moved > 0) == (off > 0)
 
     # a second bench adds a run; --reset forgets them all
     invoke("bench", str(b), *FAST, "--json")
