@@ -3,7 +3,7 @@
 One JSON file in moelocal's app dir holds, for each machine (CPU model, cores, RAM, local GPUs),
 backend and llama.cpp version, the records of the sessions that measured it: each record keeps the
 factors speed.calibrate found for its measurements, so that later predictions need no model file.
-``load`` combines them (geometric mean, as speed.calibrate combines runs) into the speed.Calibration
+``load`` combines them (geometric mean; the median from three records on) into the speed.Calibration
 that hardware.detect attaches and speed.predict uses. Nothing here runs a model.
 """
 
@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import os
+import statistics
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
@@ -122,11 +123,21 @@ def load(hw: Hardware) -> Calibration | None:
             v = (r.get("factors") or {}).get(f)
             if isinstance(v, (int, float)) and v > 0:
                 values[f].append(float(v))
-    factors = {f: round(math.exp(sum(map(math.log, v)) / len(v)), 4) if v else None for f, v in values.items()}
+    factors = {f: _combine(v) for f, v in values.items()}
     kinds = sorted({r.get("source", "") for r in recs})
     last = time.strftime("%Y-%m-%d", time.localtime(max(r.get("when", 0) for r in recs)))
     source = ("moelocal bench" if kinds == ["bench"] else "moelocal " + ", ".join(kinds)) + f", {last}"
     return Calibration(**factors, runs=len(recs), source=source)
+
+
+def _combine(values: list[float]) -> float | None:
+    """One factor from several records: their geometric mean, or from three on their median, so that one
+    run on a busy machine (a chat while something else ran) moves the calibration only so far."""
+    if not values:
+        return None
+    if len(values) >= 3:
+        return round(statistics.median(values), 4)
+    return round(math.exp(sum(map(math.log, values)) / len(values)), 4)
 
 
 def add(hw: Hardware, record: Record) -> None:

@@ -109,7 +109,7 @@ def test_describing_another_machine_leaves_the_calibration_out(models):
     assert no_gpu["plans"][no_gpu["recommended"]]["predicted"]["basis"] == "calibrated on this machine, 1 run"
 
 
-def test_records_combine_by_geometric_mean_and_a_broken_file_is_no_calibration():
+def test_records_combine_robustly_and_a_broken_file_is_no_calibration():
     hw = hardware.detect()
     for eff in (0.25, 1.0):
         calibration.add(hw, calibration.Record("bench", "m", "CPU only", {"cpu_decode_eff": eff}))
@@ -118,6 +118,8 @@ def test_records_combine_by_geometric_mean_and_a_broken_file_is_no_calibration()
     cal = calibration.load(hw)
     assert (cal.cpu_decode_eff, cal.cpu_prefill_eff, cal.runs) == (0.5, 2.0, 3)  # one session: one record
     assert cal.source.startswith("moelocal bench, generate, ")
+    calibration.add(hw, calibration.Record("chat", "m", "CPU only", {"cpu_decode_eff": 0.01}))  # a busy moment
+    assert calibration.load(hw).cpu_decode_eff == 0.25  # the median of 0.01, 0.25 and 1.0
     calibration.path().write_text("{not json")
     assert calibration.load(hw) is None and hardware.detect().calibration is None
 
