@@ -25,6 +25,8 @@ SMALLER_KV = ("q8_0", "q4_0")
 PARALLEL_CHOICES = (1, 2, 4, 8, 16)
 PARALLEL_MIN_GAIN = 1.10
 BATCH_SHOWN = (4, 8)
+# The card `fit` prices for a machine without one, to say what a GPU would bring.
+SUGGESTED_GPU = "RTX 3090"
 
 
 @dataclass(frozen=True)
@@ -98,7 +100,8 @@ def bounds(summary: ModelSummary, plan: Plan, hw: Hardware, top: int = 3) -> tup
 
 def faster(result: planner.FitResult) -> tuple[Faster, ...]:
     """What would make the recommended plan faster: more VRAM for a faster placement that does not fit
-    (the next step, and everything on the GPU), or faster RAM where RAM reads bound the speed."""
+    (the next step, and everything on the GPU), a common GPU where there is none, or faster RAM where
+    RAM reads bound the speed."""
     best = result.best
     if best is None:
         return ()
@@ -115,6 +118,15 @@ def faster(result: planner.FitResult) -> tuple[Faster, ...]:
         needs = " and ".join(f"+{human_bytes(n)} of VRAM" + (f" on {d.upper()}" if len(hw.gpus) > 1 else "")
                              for d, n in short.items())
         out.append(Faster(needs, p.placement.describe(s.n_layer), p.predicted.decode_tps))
+    if not hw.gpus:  # what a common card would do for this model
+        from moelocal.hardware import GPU, lookup_gpu
+
+        label, bw, tf, mem = lookup_gpu(SUGGESTED_GPU)
+        card = GPU(name=label, total=mem or 0, free=mem or 0, bandwidth=bw, tflops=tf)
+        with_gpu = planner.fit(s, replace(hw, gpus=(card,)), best.options).best
+        if with_gpu is not None and with_gpu.predicted.decode_tps > 1.2 * best.predicted.decode_tps:
+            out.append(Faster(f"a {card.total / (1 << 30):.0f} GiB GPU like the {label}",
+                              with_gpu.placement.describe(s.n_layer), with_gpu.predicted.decode_tps))
     parts = speed.decode_parts(s, best.placement, best.options, hw)
     total = sum(parts.values()) or 1.0
     ram = sum(v for (dev, what), v in parts.items() if dev == CPU and what not in (speed.LAYERS, speed.HANDOFFS))

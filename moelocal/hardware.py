@@ -94,6 +94,8 @@ GPU_TABLE: dict[str, tuple[float, float]] = {
     "rx 6900 xt": (512, 46),
     "rx 6800 xt": (512, 41),
     "mi50": (1024, 27),
+    "radeon 8060s": (256, 59),  # Ryzen AI Max+ 395 (Strix Halo): 256-bit LPDDR5X-8000 shared with the CPU
+    "gb10": (273, 100),  # DGX Spark: 256-bit LPDDR5X-8533 shared with the CPU
     "apple m1 ultra": (800, 21),
     "apple m1 max": (400, 10.6),
     "apple m1 pro": (200, 5.3),
@@ -201,9 +203,10 @@ class Hardware:
     has_amx: bool = False
     overridden: tuple[str, ...] = field(default=())  # which values came from the user
     network_bandwidth: float = DEFAULT_NET_BW  # to the workers (bytes/s)
-    # cpu_bandwidth is a spec-sheet figure (--cpu-bw) rather than what the probe read here: the speed
-    # model turns it into achieved bandwidth with a lower factor (speed.CPU_RATED_EFFICIENCY)
-    cpu_bw_rated: bool = False
+    # cpu_bandwidth is a spec-sheet figure (--cpu-bw, or a machine described in code) rather than what the
+    # probe read here (detect() says so): the speed model turns a rating into achieved bandwidth itself
+    # (speed.cpu_decode_bandwidth)
+    cpu_bw_rated: bool = True
     calibration: Calibration | None = None  # measured on this machine (moelocal bench); None: the defaults
 
     @property
@@ -331,13 +334,13 @@ def parse_network_bandwidth(text: str, what: str = "--net-bw") -> float:
 def _gpu_key(text: str) -> str:
     """A GPU name as the tables spell it: lowercase, single spaces, without the vendor's brand words."""
     words = re.sub(r"[^a-z0-9-]+", " ", text.lower()).split()
-    return " ".join(w for w in words if w not in ("nvidia", "geforce", "amd", "radeon", "tesla", "gb"))
+    return " ".join(w for w in words if w not in ("nvidia", "geforce", "amd", "radeon", "tesla", "gb", "graphics"))
 
 
 def _gpu_label(key: str) -> str:
     """'rtx 3070 ti' -> 'RTX 3070 Ti', for people."""
     special = {"ti": "Ti", "super": "SUPER", "ada": "Ada", "pro": "PRO", "quadro": "Quadro", "titan": "TITAN",
-               "apple": "Apple", "ultra": "Ultra", "max": "Max"}
+               "apple": "Apple", "ultra": "Ultra", "max": "Max", "radeon": "Radeon"}
     return " ".join(special.get(w, w.upper()) for w in key.split())
 
 
@@ -350,7 +353,7 @@ def lookup_gpu(name: str) -> tuple[str, float, float, int | None]:
     key = _gpu_key(name)
     key = re.sub(r"\b(rtx|gtx|rx)(\d)", r"\1 \2", key)  # "rtx3090" -> "rtx 3090"
     key = re.sub(r"(\d)(ti|super|xtx|xt)\b", r"\1 \2", key)  # "3070ti" -> "3070 ti"
-    candidates = [k for k in (key, f"rtx {key}", f"gtx {key}", f"rx {key}") if k in GPU_TABLE]
+    candidates = [k for k in (key, f"rtx {key}", f"gtx {key}", f"rx {key}", f"radeon {key}") if k in GPU_TABLE]
     if not candidates:
         near = difflib.get_close_matches(key, list(GPU_TABLE), n=3, cutoff=0.5)
         hint = ("nearest: " + ", ".join(_gpu_label(n) for n in near)) if near else \
@@ -545,6 +548,7 @@ def detect(probe: bool = True) -> Hardware:
         gpus=tuple(gpus),
         cpu_flops=cores * CPU_GFLOPS_PER_CORE * 1e9,
         has_amx="amx_tile" in flags or "amx_int8" in flags,
+        cpu_bw_rated=not probe,  # the probe measured what this machine reads; without it, a guess
     )
     if not probe:  # a stand-in bandwidth: factors measured against the probe's would not apply
         return hw

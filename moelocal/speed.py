@@ -36,19 +36,19 @@ GPU_LAYER_OVERHEAD_S = 25e-6  # kernel launches per layer per token
 # optimistic here).
 CPU_LAYER_OVERHEAD_S = 90e-6
 # A rated RAM figure (--cpu-bw: spec sheet, MT/s x 8 bytes x channels) is turned into what llama.cpp's
-# CPU decode achieves: CPU_RATED_EFFICIENCY of it, and less on many-channel servers, whose cores cannot
-# use all of it (a harmonic mean with CPU_SATURATION_BW): 59% of a dual-channel DDR5-4000's 64 GB/s, 55% of
-# DDR5-6000's 96 GB/s, 38% of an 8-channel 300 GB/s server, 31% of a 12-channel 460 GB/s one. Fitted, with the per-layer
-# costs below, on the published runs in tests/data/published_speeds.json (each machine weighted alike);
-# the data alone leave efficiency and per-layer cost trading off (0.6 with ~0 us to 0.85 with ~380 us).
+# CPU decode achieves: CPU_RATED_EFFICIENCY of it, and less on many-channel machines, whose cores cannot
+# use all of it (a harmonic mean with CPU_SATURATION_BW): 58% of a dual-channel DDR4-3600's 57.6 GB/s or
+# DDR5-4000's 64 GB/s, 52% of DDR5-6000's 96 GB/s, 41% of an 8-channel DDR4-3200 workstation's 205 GB/s,
+# 27% of a 12-channel DDR5-4800 server's 460 GB/s. Fitted, with CPU_LAYER_OVERHEAD_S and the split-layer
+# cost below, on the published runs in tests/data/published_speeds.json (each machine weighted alike);
+# those runs alone leave efficiency and per-layer costs trading off (0.6 with ~0 us to 0.85 with ~400 us),
+# so efficiency stays near what bandwidth probes of such machines read and the per-layer cost at this
+# machine's measured 90 us.
 CPU_RATED_EFFICIENCY = 0.70
-CPU_SATURATION_BW = 250e9
-# Per token and layer on such a machine besides the reads (the layers whose attention runs on the CPU):
-# the published boxes (6-10 cores, some on Windows) need more than this 2-core Linux one (90 us).
-CPU_RATED_LAYER_OVERHEAD_S = 140e-6
+CPU_SATURATION_BW = 200e9
 # A layer whose attention is on a GPU and experts in RAM: the CPU runs the expert ops (their thread
-# barriers and waits for the GPU), besides the two hand-offs (HOP_LATENCY_S each); ~110 us a layer in all.
-CPU_MOE_LAYER_OVERHEAD_S = 70e-6
+# barriers, waking the threads while the GPU works), besides the two hand-offs (HOP_LATENCY_S each).
+CPU_MOE_LAYER_OVERHEAD_S = 75e-6
 DECODE_DEPTH = 1024  # decode speed is predicted at this many tokens of context (or n_ctx/2)
 # Prompt processing: llama.cpp computes weights that live in host memory on the GPU (copying them
 # over PCIe each batch) once the batch has at least this many tokens.
@@ -82,12 +82,9 @@ def _device_speed(hw: Hardware, device: str, threads: int | None = None) -> tupl
             # cpu_flops is one thread per physical core; fewer threads compute proportionally less
             # (measured 1.6-1.9x from one thread to two); more threads than cores gain nothing
             flops *= min(threads, hw.cpu_cores) / hw.cpu_cores
-        eff = CPU_BW_EFFICIENCY
-        if cal is not None and cal.cpu_decode_eff:
-            eff = cal.cpu_decode_eff
         if cal is not None and cal.cpu_prefill_eff:
             flops *= cal.cpu_prefill_eff
-        return hw.cpu_bandwidth * eff, flops
+        return cpu_decode_bandwidth(hw), flops
     g = hw.gpu_named(device)
     eff, flops = GPU_BW_EFFICIENCY, g.tflops * GPU_FLOPS_EFFICIENCY
     if cal is not None and cal.gpu_decode_eff and not g.remote:
@@ -186,13 +183,9 @@ def decode_parts(summary: ModelSummary, placement: Placement, options: RunOption
             compute = n_seq * f / _device_speed(hw, dev, options.n_threads)[1]
             if compute > reads:
                 add(dev, WEIGHTS, compute - reads)
-    rated = hw.cpu_bw_rated and not (hw.calibration is not None and hw.calibration.cpu_decode_eff)
     for il in range(summary.n_layer):
         dev, e_dev = layer_dev[il], expert_dev.get(il, layer_dev[il])
-        if dev != CPU:
-            add(dev, LAYERS, GPU_LAYER_OVERHEAD_S)
-        else:
-            add(CPU, LAYERS, CPU_RATED_LAYER_OVERHEAD_S if rated else CPU_LAYER_OVERHEAD_S)
+        add(dev, LAYERS, GPU_LAYER_OVERHEAD_S if dev != CPU else CPU_LAYER_OVERHEAD_S)
         if e_dev == CPU and dev != CPU:  # the experts' ops run on the CPU between two hand-offs
             add(CPU, LAYERS, CPU_MOE_LAYER_OVERHEAD_S)
     handoffs = _handoffs(summary, layer_dev, expert_dev, hw, n_seq)
@@ -224,11 +217,11 @@ def _handoffs(summary: ModelSummary, layer_dev: list[str], expert_dev: dict[int,
 
 
 # How far each part of a prediction may be off, as (fastest, slowest) factors on its seconds, by what
-# it rests on. A rated RAM figure: llama.cpp's CPU decode reaches 40-85% of it (tuned dual-channel
-# DDR5 desktops at the top, older or Windows boxes at the bottom) against the 70% assumed; the probe
-# measured this machine; a calibration measured llama.cpp itself. GPUs reach 60-85% of their rating.
+# it rests on. A rated RAM figure: llama.cpp's CPU decode reaches 40-85% of it on desktops (tuned
+# dual-channel DDR5 at the top, older or Windows boxes at the bottom) against the ~55% assumed; the
+# probe measured this machine; a calibration measured llama.cpp itself. GPUs reach 60-85% of theirs.
 UNCERTAINTY = {
-    ("cpu", "rated"): (CPU_RATED_EFFICIENCY / 0.85, CPU_RATED_EFFICIENCY / 0.40),
+    ("cpu", "rated"): (0.70, 1.6),  # a dual-channel desktop: 82% to 34% of its rating
     ("cpu", "measured"): (0.85, 1.2),
     ("gpu", "rated"): (GPU_BW_EFFICIENCY / 0.85, GPU_BW_EFFICIENCY / 0.60),
     ("any", "calibrated"): (0.92, 1.08),

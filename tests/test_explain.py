@@ -129,3 +129,16 @@ def run(args: list[str]) -> int:
     except SystemExit as exc:
         return exc.code or 0
     return 0
+
+
+def test_without_a_gpu_faster_prices_a_common_card():
+    q30b = published.model("Qwen3-30B-A3B", "Q4_K_M")
+    result = planner.fit(q30b, machine(), OPTS)
+    ways = {f.needs: f for f in explain.faster(result)}
+    card = ways["a 24 GiB GPU like the RTX 3090"]
+    hw = replace(machine(), gpus=(GPU(name="RTX 3090", total=24 * GiB, free=24 * GiB, bandwidth=936e9,
+                                      tflops=142e12),))
+    assert card.decode_tps == planner.fit(q30b, hw, OPTS).best.predicted.decode_tps
+    assert card.label == "all on GPU"  # 18.6 GB of Q4_K_M fits a 24 GiB card
+    faster_ram = ways["RAM 1.5x as fast"]
+    assert result.best.predicted.decode_tps < faster_ram.decode_tps < 1.5 * result.best.predicted.decode_tps

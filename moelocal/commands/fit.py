@@ -251,7 +251,7 @@ def render_explanation(result) -> None:
     if short:
         line += ("; " if fits else "") + f"{short[0]} does not" + (f" (largest {_ctx(why.max_ctx)})" if fits else "")
     out.print(line + " with this placement")
-    for kv in why.kv_options:
+    for kv in why.kv_options if short else ():  # only worth a line when the model's own context does not fit
         out.print(f"  KV cache {kv.kv_type}: saves {hb(kv.saves)}, fits {_ctx(kv.max_ctx)}: {' '.join(kv.flags)}")
     if why.batch_tps:
         out.print("[bold]batch:[/bold] " + ", ".join(f"{n} at once ~{_tps(t)} tok/s in all" for n, t in why.batch_tps))
