@@ -11,7 +11,6 @@ from __future__ import annotations
 import codecs
 import contextlib
 import ctypes
-import json
 import os
 import random
 import signal
@@ -19,23 +18,17 @@ import threading
 import time
 from collections import Counter
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
-from datetime import datetime
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 from moelocal import config, native, rpc
 from moelocal.errors import EngineError, UsageError
+from moelocal.formats import CHATML_TEMPLATE, ChatFormat, detect_format, render_template
+from moelocal.formats import render_chat as _render_chat
 from moelocal.hardware import default_threads
 from moelocal.plan import DeviceMemory, Plan
 
-# ChatML: the fallback when a model carries no chat template of its own.
-CHATML_TEMPLATE = (
-    "{% for message in messages %}"
-    "{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + '<|im_end|>' + '\n' }}"
-    "{% endfor %}"
-    "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
-)
 # Buffers llama.cpp reports may differ from the plan by this share before anyone is warned
 # (the planner keeps the same share of every device free), and always by this many bytes: the
 # log rounds to 0.01 MiB and small models have fixed costs the memory model does not itemize.
@@ -43,32 +36,87 @@ MEMORY_MARGIN = 0.05
 MEMORY_SLACK = 64 << 20
 
 
+# What a run uses where neither the user nor the model's GGUF says (llama.cpp's own defaults).
+SAMPLING_DEFAULTS: dict[str, float | int] = {"temperature": 0.8, "top_p": 0.95, "top_k": 40, "min_p": 0.05,
+                                             "repeat_penalty": 1.0, "penalty_last_n": 64}
+# The model authors' recommendations newer GGUFs carry (llama.cpp's LLM_KV_GENERAL_SAMPLING_*), read
+# as llama.cpp's common_params_sampling does: key -> (SamplingParams field, type).
+GGUF_SAMPLING_KEYS: dict[str, tuple[str, type]] = {
+    "general.sampling.temp": ("temperature", float),
+    "general.sampling.top_k": ("top_k", int),
+    "general.sampling.top_p": ("top_p", float),
+    "general.sampling.min_p": ("min_p", float),
+    "general.sampling.penalty_repeat": ("repeat_penalty", float),
+    "general.sampling.penalty_last_n": ("penalty_last_n", int),
+}
+
+
 @dataclass(frozen=True)
 class SamplingParams:
-    """How tokens are drawn. ``temperature <= 0`` is greedy; ``seed=None`` draws a random seed."""
+    """How tokens are drawn. ``temperature <= 0`` is greedy; ``seed=None`` draws a random seed.
 
-    temperature: float = 0.8
-    top_p: float = 0.95
-    top_k: int = 40
-    min_p: float = 0.05
+    A field left None takes the model's recommendation (its GGUF's ``general.sampling.*``), else
+    SAMPLING_DEFAULTS: see :meth:`resolved`. ``grammar`` (GBNF, see moelocal.grammar) constrains
+    every token drawn.
+    """
+
+    temperature: float | None = None
+    top_p: float | None = None
+    top_k: int | None = None
+    min_p: float | None = None
     seed: int | None = None
     max_tokens: int = 512
     stop: tuple[str, ...] = ()
     ignore_eos: bool = False  # keep going past end-of-generation tokens (benchmarks)
+    repeat_penalty: float | None = None  # 1.0: off
+    presence_penalty: float = 0.0  # OpenAI's: subtracted once from every token seen in the last n
+    frequency_penalty: float = 0.0  # ... and this much more for every time it was seen
+    penalty_last_n: int | None = None  # how many recent tokens the penalties look at (-1: the context)
+    grammar: str | None = None
+
+    def resolved(self, recommended: Mapping[str, float | int] | None = None) -> SamplingParams:
+        """These params with every unset field filled: the model's recommendation, else the default."""
+        rec = recommended or {}
+        changes = {k: rec.get(k, d) for k, d in SAMPLING_DEFAULTS.items() if getattr(self, k) is None}
+        return replace(self, **changes) if changes else self
 
     def check(self) -> SamplingParams:
         """The same params, or a UsageError naming the value that is out of range."""
         if self.max_tokens < 1:
             raise UsageError(f"max_tokens must be at least 1, got {self.max_tokens}")
-        if not 0.0 < self.top_p <= 1.0:
+        if self.top_p is not None and not 0.0 < self.top_p <= 1.0:
             raise UsageError(f"top_p must be in (0, 1], got {self.top_p}")
-        if self.temperature < 0:
+        if self.temperature is not None and self.temperature < 0:
             raise UsageError(f"temperature must be 0 or more, got {self.temperature}")
-        if not 0.0 <= self.min_p <= 1.0:
+        if self.min_p is not None and not 0.0 <= self.min_p <= 1.0:
             raise UsageError(f"min_p must be in [0, 1], got {self.min_p}")
+        if self.top_k is not None and self.top_k < 0:
+            raise UsageError(f"top_k must be 0 (off) or more, got {self.top_k}")
+        if self.repeat_penalty is not None and self.repeat_penalty <= 0:
+            raise UsageError(f"repeat_penalty must be above 0 (1 is off), got {self.repeat_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2.0 <= getattr(self, name) <= 2.0:
+                raise UsageError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.penalty_last_n is not None and self.penalty_last_n < -1:
+            raise UsageError(f"penalty_last_n must be -1 (the whole context) or more, got {self.penalty_last_n}")
         if self.seed is not None and not 0 <= self.seed < 2**32 - 1:
             raise UsageError(f"seed must be in [0, 2^32 - 2], got {self.seed}")
         return self
+
+
+def recommended_sampling(meta: Mapping[str, str]) -> dict[str, float | int]:
+    """The sampling a GGUF's metadata recommends (``general.sampling.*``, values as llama.cpp prints
+    them), as SamplingParams fields; values that do not parse are left out, as llama.cpp does."""
+    out: dict[str, float | int] = {}
+    for key, (name, kind) in GGUF_SAMPLING_KEYS.items():
+        raw = meta.get(key)
+        if raw is None:
+            continue
+        try:
+            out[name] = kind(float(raw)) if kind is int else kind(raw)
+        except ValueError:
+            continue
+    return out
 
 
 @dataclass(frozen=True)
@@ -195,43 +243,7 @@ def fit_messages(
 # ---- chat templates --------------------------------------------------------------------------
 
 
-def render_template(template: str, messages: Sequence[Mapping[str, Any]], *, add_generation_prompt: bool = True,
-                    bos_token: str = "", eos_token: str = "", **extra: Any) -> str:
-    """Render a Hugging Face style chat template in Jinja's immutable sandbox (templates come with
-    downloaded models: they must not reach Python objects or mutate anything)."""
-    import jinja2
-
-    try:
-        tmpl = _jinja_env().from_string(template)
-        return tmpl.render(messages=list(messages), add_generation_prompt=add_generation_prompt,
-                           bos_token=bos_token, eos_token=eos_token, **extra)
-    except jinja2.TemplateError as exc:  # syntax errors, raise_exception(), sandbox violations
-        raise EngineError(f"the model's chat template failed: {exc}",
-                          "the GGUF's tokenizer.chat_template is broken; report it to the model's authors") from None
-
-
-_ENV = None
-
-
-def _jinja_env():
-    global _ENV
-    if _ENV is None:
-        import jinja2
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-        def raise_exception(message: str) -> None:
-            raise jinja2.TemplateError(message)
-
-        def tojson(value: Any, indent: int | None = None, ensure_ascii: bool = False, **_: Any) -> str:
-            # transformers' tojson: plain JSON, not HTML-escaped (templates render tool schemas with it)
-            return json.dumps(value, indent=indent, ensure_ascii=ensure_ascii)
-
-        env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, loader=jinja2.BaseLoader())
-        env.globals["raise_exception"] = raise_exception
-        env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-        env.filters["tojson"] = tojson
-        _ENV = env
-    return _ENV
+# render_template and CHATML_TEMPLATE live in moelocal.formats (imported above): engine.py is about tokens.
 
 
 # ---- the engine ------------------------------------------------------------------------------
@@ -338,6 +350,12 @@ class Engine:
         self._checkpoint: tuple[list[int], bytearray] | None = None
         self._interrupted = False  # Ctrl-C during a prompt (_interruptible)
         self._template: str | None = None
+        self._specials: tuple[str, ...] | None = None
+        self._format: ChatFormat | None = None
+        self.template_notes: list[str] = []  # adaptations the template needed, each once (new_notes())
+        self._notes_shown = 0
+        self.recommended: dict[str, float | int] = {}  # the GGUF's general.sampling.* (SamplingParams fields)
+        self.n_vocab = 0
         self._piece = ctypes.create_string_buffer(256)
 
     # ---- loading -----------------------------------------------------------------------------
@@ -423,7 +441,32 @@ class Engine:
         self._decode = self._watchdog.wrap(lc.llama_decode) if self._watchdog else lc.llama_decode
         self._sample = lc.llama_sampler_sample
         self._batch_one = lc.llama_batch_get_one
+        self.n_vocab = lc.llama_vocab_n_tokens(self._vocab)
+        self.recommended = recommended_sampling(self._meta(GGUF_SAMPLING_KEYS))
         return self
+
+    def _meta(self, keys: Iterable[str]) -> dict[str, str]:
+        """The model's metadata values (as llama.cpp prints them) for those of ``keys`` it has."""
+        lc = native.llama()
+        buf = ctypes.create_string_buffer(256)
+        out = {}
+        for key in keys:
+            n = lc.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+            if n >= 0:
+                out[key] = buf.value.decode("utf-8", "replace")
+        return out
+
+    def sampling(self, params: SamplingParams) -> SamplingParams:
+        """What a run with ``params`` uses: unset fields from the model's recommendation, else the defaults."""
+        return params.resolved(self.recommended).check()
+
+    def check_grammar(self, grammar: str) -> None:
+        """A UsageError if llama.cpp cannot parse ``grammar`` (GBNF), before any request runs it."""
+        lc = native.llama()
+        g = lc.llama_sampler_init_grammar(self._vocab, grammar.encode(), b"root")
+        if not g:
+            raise UsageError(f"llama.cpp cannot parse the grammar: {native.last_error() or 'see its log'}")
+        lc.llama_sampler_free(g)
 
     def close(self) -> None:
         lc = native.llama()
@@ -504,11 +547,13 @@ class Engine:
             n = lc.llama_tokenize(self._vocab, raw, len(raw), buf, cap, add_special, parse_special)
         return list(buf[:n])
 
-    def token_bytes(self, token: int) -> bytes:
-        n = self._to_piece(self._vocab, token, self._piece, 256, 0, False)
+    def token_bytes(self, token: int, special: bool = True) -> bytes:
+        """A token's bytes. Special tokens are rendered (``<|channel|>``, ``<think>``): the conversation
+        formats read them; llama.cpp's ``special=False`` would drop control tokens silently."""
+        n = self._to_piece(self._vocab, token, self._piece, 256, 0, special)
         if n < 0:
             big = ctypes.create_string_buffer(-n)
-            n = self._to_piece(self._vocab, token, big, -n, 0, False)
+            n = self._to_piece(self._vocab, token, big, -n, 0, special)
             return big[:n]
         return self._piece[:n]
 
@@ -535,17 +580,54 @@ class Engine:
     def has_own_template(self) -> bool:
         return self.chat_template != CHATML_TEMPLATE
 
-    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True) -> str:
-        lc = native.llama()
-        return render_template(
-            self.chat_template, messages, add_generation_prompt=add_generation_prompt,
-            bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
-            eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)),
-        )
+    @property
+    def special_tokens(self) -> tuple[str, ...]:
+        """The text of every control and user-defined token of the vocabulary (read once)."""
+        if self._specials is None:
+            lc = native.llama()
+            wanted = lc.LLAMA_TOKEN_ATTR_CONTROL | lc.LLAMA_TOKEN_ATTR_USER_DEFINED
+            n = lc.llama_vocab_n_tokens(self._vocab)
+            get_attr, text = lc.llama_vocab_get_attr, self._token_text
+            self._specials = tuple(text(t) for t in range(n) if get_attr(self._vocab, t) & wanted)
+        return self._specials
 
-    def chat_tokens(self, messages: Sequence[Mapping[str, Any]]) -> list[int]:
+    @property
+    def chat_format(self) -> ChatFormat:
+        """How this model lays out reasoning and tool calls (moelocal.formats.detect_format)."""
+        if self._format is None:
+            # the vocabulary decides only where the model has no template of its own (detect_format), and
+            # reading it costs a call per token (0.4 s for 152k tokens): only then
+            specials = () if self.has_own_template else self.special_tokens
+            self._format = detect_format(self.chat_template, specials)
+        return self._format
+
+    def render_chat(self, messages: Sequence[Mapping[str, Any]], add_generation_prompt: bool = True,
+                    tools: Sequence[Mapping[str, Any]] | None = None, **template_args: Any) -> str:
+        """The conversation through the model's template (moelocal.formats.render_chat); adaptations
+        it needed are added to ``template_notes``. ``template_args``: enable_thinking, reasoning_effort ..."""
+        lc = native.llama()
+        text, notes = _render_chat(
+            self.chat_format, self.chat_template, messages, tools=tools, add_generation_prompt=add_generation_prompt,
+            bos_token=self._token_text(lc.llama_vocab_bos(self._vocab)),
+            eos_token=self._token_text(lc.llama_vocab_eos(self._vocab)), **template_args,
+        )
+        self.template_notes.extend(n for n in notes if n not in self.template_notes)
+        return text
+
+    def new_notes(self) -> list[str]:
+        """Template notes not returned before: each is shown to people once."""
+        out = self.template_notes[self._notes_shown:]
+        self._notes_shown = len(self.template_notes)
+        return out
+
+    def chat_tokens(self, messages: Sequence[Mapping[str, Any]], tools: Sequence[Mapping[str, Any]] | None = None,
+                    **template_args: Any) -> list[int]:
         """The conversation rendered by the template and tokenized, with one BOS at most."""
-        text = self.render_chat(messages)
+        text = self.render_chat(messages, tools=tools, **template_args)
+        return self.prompt_tokens(text)
+
+    def prompt_tokens(self, text: str) -> list[int]:
+        """A rendered prompt's tokens (special tokens parsed), with one BOS at most."""
         tokens = self.tokenize(text, add_special=True, parse_special=True)
         bos = native.llama().llama_vocab_bos(self._vocab)
         if len(tokens) >= 2 and tokens[0] == bos and tokens[1] == bos:
@@ -566,7 +648,9 @@ class Engine:
     def generate(self, prompt: str | Sequence[int], params: SamplingParams = SamplingParams()) -> Iterator[Chunk]:
         """Stream one completion in sequence 0, reusing the KV cache for a prompt that starts like
         the previous one (a chat's earlier turns are not processed again)."""
-        params.check()
+        params = self.sampling(params)
+        if params.grammar:
+            self.check_grammar(params.grammar)
         tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
         if not tokens:
             raise UsageError("the prompt is empty")
@@ -578,7 +662,7 @@ class Engine:
     def _generate(self, tokens: list[int], params: SamplingParams) -> Iterator[Chunk]:
         lc = native.llama()
         seed = _seed(params)
-        sampler = _make_sampler(params, seed)
+        sampler = self._make_sampler(params, seed, tokens)
         try:
             reuse = self._reuse(tokens)
             t0 = time.perf_counter()
@@ -824,7 +908,7 @@ class Engine:
         prompt, params = request[0], request[1]
         cancelled = request[2] if len(request) > 2 else None  # type: ignore[misc]
         try:
-            params.check()
+            params = self.sampling(params)
             tokens = self.tokenize(prompt) if isinstance(prompt, str) else list(prompt)
             if not tokens:
                 raise UsageError("the prompt is empty")
@@ -832,11 +916,19 @@ class Engine:
                 raise UsageError(
                     f"the prompt has {len(tokens)} tokens; the context holds {self.n_ctx_seq} per sequence"
                 )
+            seed = _seed(params)
+            sampler = self._make_sampler(params, seed, tokens)
         except UsageError as exc:
             return Chunk(str(exc), index, finish_reason="error")
-        seed = _seed(params)
-        return _Slot(index=index, seq=seq, prompt=tokens, params=params, sampler=_make_sampler(params, seed),
+        return _Slot(index=index, seq=seq, prompt=tokens, params=params, sampler=sampler,
                      stream=_Stream(self, params), seed=seed, cancelled=cancelled)
+
+    def _make_sampler(self, params: SamplingParams, seed: int, prompt: Sequence[int]):
+        if params.penalty_last_n == -1:  # llama.cpp's "the whole context"
+            params = replace(params, penalty_last_n=self.n_ctx_seq)
+        last_n = params.penalty_last_n or 0
+        return _make_sampler(params, seed, vocab=self._vocab, n_vocab=self.n_vocab,
+                             history=prompt[-last_n:] if last_n else ())
 
 
 def _put(batch, i: int, token: int, pos: int, seq: int, logits: bool) -> None:
@@ -851,20 +943,40 @@ def _seed(params: SamplingParams) -> int:
     return params.seed if params.seed is not None else random.SystemRandom().randrange(0, 2**32 - 1)
 
 
-def _make_sampler(params: SamplingParams, seed: int):
-    """llama.cpp's sampler chain: greedy, or top-k → top-p → min-p → temperature → draw(seed)."""
+def _make_sampler(params: SamplingParams, seed: int, *, vocab=None, n_vocab: int = 0, history: Sequence[int] = ()):
+    """llama.cpp's sampler chain: grammar (if any) → penalties (if any) → greedy, or top-k → top-p →
+    min-p → temperature → draw(seed). ``params`` must be resolved (SamplingParams.resolved).
+
+    ``history`` (the prompt's last tokens) goes into the penalties first, as llama-cli and
+    llama-server do: a repeat penalty also keeps the answer from echoing the question.
+    """
     lc = native.llama()
     chain = lc.llama_sampler_chain_init(lc.llama_sampler_chain_default_params())
-    if params.temperature <= 0:
+    if params.grammar:
+        grammar = lc.llama_sampler_init_grammar(vocab, params.grammar.encode(), b"root")
+        if not grammar:
+            lc.llama_sampler_free(chain)
+            raise UsageError(f"llama.cpp cannot parse the grammar: {native.last_error() or 'see its log'}")
+        lc.llama_sampler_chain_add(chain, grammar)
+    repeat = params.repeat_penalty if params.repeat_penalty is not None else 1.0
+    last_n = params.penalty_last_n if params.penalty_last_n is not None else 64
+    if last_n and (repeat != 1.0 or params.presence_penalty or params.frequency_penalty):
+        penalties = lc.llama_sampler_init_penalties(n_vocab, last_n, repeat, params.frequency_penalty,
+                                                    params.presence_penalty)
+        for token in history:
+            lc.llama_sampler_accept(penalties, token)
+        lc.llama_sampler_chain_add(chain, penalties)
+    temperature = params.temperature if params.temperature is not None else 0.8
+    if temperature <= 0:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_greedy())
         return chain
-    if params.top_k > 0:
+    if params.top_k:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_k(params.top_k))
-    if params.top_p < 1.0:
+    if params.top_p is not None and params.top_p < 1.0:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_top_p(params.top_p, 1))
-    if params.min_p > 0:
+    if params.min_p:
         lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_min_p(params.min_p, 1))
-    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(params.temperature))
+    lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_temp(temperature))
     lc.llama_sampler_chain_add(chain, lc.llama_sampler_init_dist(seed))
     return chain
 
@@ -924,7 +1036,9 @@ __all__ = [
     "Chunk",
     "Deviation",
     "Engine",
+    "SAMPLING_DEFAULTS",
     "SamplingParams",
+    "recommended_sampling",
     "compare_memory",
     "default_threads",
     "fit_messages",

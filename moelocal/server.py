@@ -21,6 +21,7 @@ import contextlib
 import hmac
 import json
 import queue
+import re
 import threading
 import time
 import uuid
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from moelocal.engine import Chunk, Engine, SamplingParams
 from moelocal.errors import MoelocalError, UsageError
+from moelocal.formats import ChatFormat, Delta, Message, Parser
 
 # Roles the chat endpoint passes to the model's template; "developer" is OpenAI's newer name for system.
 ROLES = ("system", "developer", "user", "assistant", "tool")
@@ -206,7 +208,8 @@ class Worker:
                 else:
                     wave.append(job)
                     self.running += 1
-                    yield job.tokens, _Cancellable.wrap(job.params, job.cancelled)
+                    # resolved first: the engine then keeps this very object (resolving makes a copy)
+                    yield job.tokens, _Cancellable.wrap(self.engine.sampling(job.params), job.cancelled)
                 try:
                     job = self.jobs.get_nowait()
                 except queue.Empty:
@@ -287,8 +290,10 @@ class Call:
     include_usage: bool
 
 
-def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
-    """OpenAI chat messages as the {"role", "content"} dicts a chat template reads."""
+def chat_messages(body: Mapping[str, Any]) -> list[dict[str, Any]]:
+    """OpenAI chat messages as the dicts a chat template reads: role and content, an assistant's
+    ``tool_calls`` (``content`` may then be null) and ``reasoning_content``, a tool result's
+    ``tool_call_id`` (and ``name``). Anything malformed is a 400 that names it."""
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise ApiError(400, "'messages' must be a non-empty list of {\"role\", \"content\"} objects",
@@ -301,8 +306,121 @@ def chat_messages(body: Mapping[str, Any]) -> list[dict[str, str]]:
         if role not in ROLES:
             raise ApiError(400, f"messages[{i}].role must be one of {', '.join(ROLES)}; got {role!r}",
                            param=f"messages[{i}].role")
-        out.append({"role": "system" if role == "developer" else role, "content": _content(m.get("content"), i)})
+        msg: dict[str, Any] = {"role": "system" if role == "developer" else role,
+                               "content": _content(m.get("content"), i)}
+        if role == "assistant":
+            if m.get("tool_calls") is not None:
+                msg["tool_calls"] = _tool_calls(m["tool_calls"], i)
+            reasoning = m.get("reasoning_content")
+            if reasoning is not None:
+                if not isinstance(reasoning, str):
+                    raise ApiError(400, f"messages[{i}].reasoning_content must be a string",
+                                   param=f"messages[{i}].reasoning_content")
+                msg["reasoning_content"] = reasoning
+        elif role == "tool":
+            call_id = m.get("tool_call_id")
+            if not isinstance(call_id, str) or not call_id:
+                raise ApiError(400, f"messages[{i}] (role tool) needs the 'tool_call_id' of the call it answers",
+                               param=f"messages[{i}].tool_call_id")
+            msg["tool_call_id"] = call_id
+            if isinstance(m.get("name"), str):
+                msg["name"] = m["name"]
+        out.append(msg)
     return out
+
+
+def _tool_calls(calls: Any, i: int) -> list[dict[str, Any]]:
+    shape = 'a list of {"id", "type": "function", "function": {"name", "arguments"}} objects'
+    if not isinstance(calls, list):
+        raise ApiError(400, f"messages[{i}].tool_calls must be {shape}", param=f"messages[{i}].tool_calls")
+    out = []
+    for j, c in enumerate(calls):
+        fn = c.get("function") if isinstance(c, dict) else None
+        where = f"messages[{i}].tool_calls[{j}]"
+        if not isinstance(fn, dict) or c.get("type", "function") != "function":
+            raise ApiError(400, f"{where} must be {{\"id\", \"type\": \"function\", \"function\": {{\"name\", "
+                           "\"arguments\"}}", param=where)
+        if not isinstance(fn.get("name"), str) or not fn["name"]:
+            raise ApiError(400, f"{where}.function.name must be a non-empty string", param=f"{where}.function.name")
+        arguments = fn.get("arguments", "{}")
+        if not isinstance(arguments, (str, dict)):
+            raise ApiError(400, f"{where}.function.arguments must be a JSON string (or an object)",
+                           param=f"{where}.function.arguments")
+        call_id = c.get("id")
+        if call_id is not None and not isinstance(call_id, str):
+            raise ApiError(400, f"{where}.id must be a string", param=f"{where}.id")
+        out.append({"id": call_id or f"call_{i}_{j}", "type": "function",
+                    "function": {"name": fn["name"], "arguments": arguments}})
+    return out
+
+
+_TOOL_NAME = re.compile(r"[A-Za-z0-9_.\-]{1,64}")
+
+
+def chat_tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
+    """The request's ``tools`` (OpenAI function tools), narrowed by ``tool_choice``: "none" renders
+    none, a named function only that one; "auto" and "required" all of them. None: no tools."""
+    tools = body.get("tools")
+    choice = body.get("tool_choice")
+    if tools is None or tools == []:
+        if choice not in (None, "none", "auto"):
+            raise ApiError(400, "'tool_choice' needs 'tools' to choose from", param="tool_choice")
+        return None
+    if not isinstance(tools, list):
+        raise ApiError(400, "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects",
+                       param="tools")
+    for i, t in enumerate(tools):
+        fn = t.get("function") if isinstance(t, dict) else None
+        if not isinstance(fn, dict) or t.get("type") != "function":
+            raise ApiError(400, f"tools[{i}] must be {{\"type\": \"function\", \"function\": {{\"name\", "
+                           "\"description\", \"parameters\"}}", param=f"tools[{i}]")
+        if not isinstance(fn.get("name"), str) or not _TOOL_NAME.fullmatch(fn["name"]):
+            raise ApiError(400, f"tools[{i}].function.name must be 1 to 64 letters, digits, '_', '.' or '-'; got "
+                           f"{fn.get('name')!r}", param=f"tools[{i}].function.name")
+        if fn.get("parameters") is not None and not isinstance(fn["parameters"], dict):
+            raise ApiError(400, f"tools[{i}].function.parameters must be a JSON schema object",
+                           param=f"tools[{i}].function.parameters")
+        if fn.get("description") is not None and not isinstance(fn["description"], str):
+            raise ApiError(400, f"tools[{i}].function.description must be a string",
+                           param=f"tools[{i}].function.description")
+    if choice is None or choice in ("auto", "required"):
+        return list(tools)
+    if choice == "none":
+        return None
+    name = choice.get("function", {}).get("name") if isinstance(choice, dict) else None
+    if isinstance(choice, dict) and choice.get("type") == "function" and isinstance(name, str):
+        chosen = [t for t in tools if t["function"]["name"] == name]
+        if not chosen:
+            raise ApiError(400, f"'tool_choice' names the function {name!r}, which 'tools' does not have",
+                           param="tool_choice")
+        return chosen
+    raise ApiError(400, "'tool_choice' must be \"none\", \"auto\", \"required\" or {\"type\": \"function\", "
+                   "\"function\": {\"name\": ...}}", param="tool_choice")
+
+
+EFFORTS = ("low", "medium", "high")
+
+
+def template_args(body: Mapping[str, Any], fmt: ChatFormat, grammar: bool) -> dict[str, Any]:
+    """What the request asks of the template: ``reasoning_effort`` (where the template reads it, as
+    gpt-oss's does), llama-server's ``chat_template_kwargs`` ({"enable_thinking": false} ...); under
+    a grammar, thinking is switched off where the template can (every token is the constrained answer)."""
+    args: dict[str, Any] = {}
+    extra = body.get("chat_template_kwargs")
+    if extra is not None:
+        if not isinstance(extra, dict):
+            raise ApiError(400, "'chat_template_kwargs' must be an object", param="chat_template_kwargs")
+        args.update(extra)
+    effort = body.get("reasoning_effort")
+    if effort is not None:
+        if effort not in EFFORTS:
+            raise ApiError(400, f"'reasoning_effort' must be one of {', '.join(EFFORTS)}; got {effort!r}",
+                           param="reasoning_effort")
+        if fmt.effort:
+            args["reasoning_effort"] = effort
+    if grammar and fmt.thinking_toggle:
+        args.setdefault("enable_thinking", False)
+    return args
 
 
 def _content(content: Any, i: int) -> str:
@@ -344,12 +462,20 @@ def sampling(body: Mapping[str, Any], room: int, base: SamplingParams) -> Sampli
     changes: dict[str, Any] = {}
     max_tokens = body.get("max_completion_tokens", body.get("max_tokens"))
     changes["max_tokens"] = room if max_tokens is None else _int(max_tokens, "max_tokens")
-    for key, name in (("temperature", "temperature"), ("top_p", "top_p"), ("min_p", "min_p")):
+    # OpenAI's fields, and llama-server's extras (top_k, min_p, repeat_penalty, repeat_last_n)
+    for key in ("temperature", "top_p", "min_p", "repeat_penalty", "presence_penalty", "frequency_penalty"):
         if body.get(key) is not None:
-            changes[name] = _number(body[key], key)
-    for key in ("top_k", "seed"):
+            changes[key] = _number(body[key], key)
+    for key, name in (("top_k", "top_k"), ("seed", "seed"), ("repeat_last_n", "penalty_last_n")):
         if body.get(key) is not None:
-            changes[key] = _int(body[key], key)
+            changes[name] = _int(body[key], key)
+    if body.get("response_format") is not None:
+        from moelocal.grammar import response_format_grammar
+
+        try:
+            changes["grammar"] = response_format_grammar(body["response_format"])
+        except UsageError as exc:
+            raise ApiError(400, exc.message, param="response_format") from None
     if body.get("ignore_eos") is not None:
         changes["ignore_eos"] = bool(body["ignore_eos"])
     stop = body.get("stop")
@@ -396,6 +522,38 @@ def usage(last: Chunk) -> dict[str, Any]:
         "total_tokens": last.prompt_tokens + last.completion_tokens,
         "prompt_tokens_details": {"cached_tokens": last.cached_tokens},
     }
+
+
+def assistant_message(msg: Message) -> dict[str, Any]:
+    """The OpenAI ``message`` of a parsed answer: content (null when the model only called tools),
+    ``reasoning_content`` (as llama-server sends it) and ``tool_calls``."""
+    out: dict[str, Any] = {"role": "assistant", "content": msg.content if msg.content or not msg.tool_calls else None}
+    if msg.reasoning:
+        out["reasoning_content"] = msg.reasoning
+    if msg.tool_calls:
+        out["tool_calls"] = [c.to_openai() for c in msg.tool_calls]
+    return out
+
+
+def _finish_reason(last: Chunk, called: bool) -> str | None:
+    return "tool_calls" if called and last.finish_reason == "stop" else last.finish_reason
+
+
+def delta_fields(deltas: Sequence[Delta]) -> list[dict[str, Any]]:
+    """Streamed ``delta`` objects for parsed pieces: runs of content or reasoning joined, each tool call whole."""
+    out: list[dict[str, Any]] = []
+    for d in deltas:
+        if d.kind == "tool_call" and d.call is not None:
+            out.append({"tool_calls": [{"index": d.index, **d.call.to_openai()}]})
+            continue
+        if not d.text:
+            continue
+        key = "content" if d.kind == "content" else "reasoning_content"
+        if out and set(out[-1]) == {key}:
+            out[-1][key] += d.text
+        else:
+            out.append({key: d.text})
+    return out
 
 
 def _sse(data: Mapping[str, Any] | str) -> str:
@@ -534,8 +692,9 @@ def create_app(
                            code="model_not_found")
         return _model_card(model_id, state["created"])
 
-    async def answer(request: Request, body: Mapping[str, Any], render: Callable[[], list[int]], chat: bool
-                     ) -> Response:
+    async def answer(request: Request, body: Mapping[str, Any], render: Callable[[], list[int]], chat: bool,
+                     parser: Callable[[], Parser] | None = None) -> Response:
+        """``parser`` (chat) makes the parser that takes the answer apart, once the prompt is rendered."""
         call = await prepare(body, render)
         job = Job(call.tokens, call.params, asyncio.get_running_loop())
         state["worker"].submit(job)
@@ -543,17 +702,42 @@ def create_app(
                 "object": "chat.completion" if chat else "text_completion", "created": int(time.time()),
                 "model": model_id}
         if call.stream:
-            return _streaming(job, call, head, chat)
+            return _streaming(job, call, head, chat, parser() if parser else None)
         text, last = await _collect(request, job)
-        said = {"message": {"role": "assistant", "content": text}} if chat else {"text": text}
-        return JSONResponse({**head, "choices": [{"index": 0, **said, "logprobs": None,
-                                                  "finish_reason": last.finish_reason}], "usage": usage(last)})
+        if not chat:
+            said: dict[str, Any] = {"text": text}
+            finish = last.finish_reason
+        else:
+            p = parser() if parser else Parser()
+            p.feed(text)
+            msg = p.finish()
+            said = {"message": assistant_message(msg)}
+            finish = _finish_reason(last, bool(msg.tool_calls))
+        return JSONResponse({**head, "choices": [{"index": 0, **said, "logprobs": None, "finish_reason": finish}],
+                             "usage": usage(last)})
 
     @app.post("/v1/chat/completions")
     async def chat_completions(request: Request) -> Response:
         body = await read_body(request)
         messages = chat_messages(body)
-        return await answer(request, body, lambda: state["engine"].chat_tokens(messages), chat=True)
+        tools = chat_tools(body)
+        eng: Engine = state["engine"]
+        fmt = eng.chat_format
+        rf = body.get("response_format")
+        constrained = isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema")
+        args = template_args(body, fmt, constrained)
+        rendered: dict[str, str] = {}
+
+        def render() -> list[int]:
+            rendered["prompt"] = eng.render_chat(messages, tools=tools, **args)
+            return eng.prompt_tokens(rendered["prompt"])
+
+        def parser() -> Parser:
+            # under a grammar all the model writes is the constrained answer, whatever the prompt opened
+            prompt = rendered.get("prompt", "")
+            return Parser(prompt) if constrained else fmt.parser(prompt, tools)
+
+        return await answer(request, body, render, chat=True, parser=parser)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:
@@ -591,30 +775,39 @@ async def _collect(request: Request, job: Job) -> tuple[str, Chunk]:
     return "".join(pieces), last
 
 
-def _streaming(job: Job, call: Call, head: dict[str, Any], chat: bool) -> StreamingResponse:
-    """Server-sent events: OpenAI's chunks, then (if asked) one with the usage, then [DONE]."""
+def _streaming(job: Job, call: Call, head: dict[str, Any], chat: bool, parser: Parser | None = None
+               ) -> StreamingResponse:
+    """Server-sent events: OpenAI's chunks, then (if asked) one with the usage, then [DONE]. A chat
+    answer goes through ``parser``: content, ``reasoning_content`` and ``tool_calls`` deltas."""
     if chat:
         head = {**head, "object": "chat.completion.chunk"}
+        parser = parser or Parser()
 
-    def piece(text: str | None, finish: str | None = None) -> str:
-        # chat chunks carry a delta (the first one the role), completion chunks the text itself
-        said = ({"delta": {"role": "assistant", "content": ""} if text is None else {"content": text} if text else {}}
-                if chat else {"text": text or ""})
+    def chunk(said: dict[str, Any], finish: str | None = None) -> str:
         return _sse({**head, "choices": [{"index": 0, **said, "logprobs": None, "finish_reason": finish}]})
 
     async def events() -> AsyncIterator[str]:
+        called = False
         try:
             if chat:
-                yield piece(None)
+                yield chunk({"delta": {"role": "assistant", "content": ""}})
             last = None
             async for batch in job.batches():
                 last = batch[-1]
-                text = "".join(piece(c.text) for c in batch if c.text)
+                if chat:
+                    deltas = [d for c in batch for d in parser.feed(c.text)]
+                    if last.done:
+                        deltas += parser.flush()
+                    called = called or any(d.kind == "tool_call" for d in deltas)
+                    text = "".join(chunk({"delta": fields}) for fields in delta_fields(deltas))
+                else:
+                    text = "".join(chunk({"text": c.text}) for c in batch if c.text)
                 if text:
                     yield text
             if last is None or not last.done:
                 return  # cancelled (the server is stopping)
-            yield piece("", last.finish_reason)
+            yield chunk({"delta": {}} if chat else {"text": ""}, _finish_reason(last, called) if chat
+                        else last.finish_reason)
             if call.include_usage:
                 yield _sse({**head, "choices": [], "usage": usage(last)})
             yield _sse("[DONE]")
@@ -627,5 +820,5 @@ def _streaming(job: Job, call: Call, head: dict[str, Any], chat: bool) -> Stream
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
 
-__all__ = ["ApiError", "Call", "Job", "Worker", "chat_messages", "completion_prompt", "create_app", "sampling",
-           "usage"]
+__all__ = ["ApiError", "Call", "Job", "Worker", "assistant_message", "chat_messages", "chat_tools", "completion_prompt",
+           "create_app", "delta_fields", "sampling", "template_args", "usage"]

@@ -121,7 +121,7 @@ ASSETS="$VENV/share/llama.cpp"
 fetch_sdist() {
   [ -s "$SDIST" ] || quiet $PIP download -q --no-deps --no-binary :all: "llama-cpp-python==$LLAMA_VERSION" -d "$VENV/sdist"
 }
-if [ "$(cat "$MARKER" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import llama_cpp" 2>/dev/null; then
+if [ "$(cat "$MARKER" 2>/dev/null)" != "$WANT" ] || ! "$VENV/bin/python" -c "import importlib.util as u, sys; sys.exit(u.find_spec('llama_cpp') is None)" 2>/dev/null; then
   echo "Building llama-cpp-python $LLAMA_VERSION for $BACKEND (takes a few minutes)..." >&2
   fetch_sdist
   quiet env CMAKE_ARGS="$CMAKE" $PIP install -q --no-cache-dir --force-reinstall --no-deps "$SDIST"

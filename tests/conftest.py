@@ -56,3 +56,16 @@ def llama_assets() -> Path:
     if not (root / ".complete").is_file():
         pytest.fail(f"{root} is missing: run scripts/install.sh {sys.prefix} --dev (make test does)")
     return root
+
+
+@pytest.fixture(scope="session")
+def scripted_models(model_dir: Path, llama_assets: Path) -> dict[str, Path]:
+    """"qwen3" and "gpt-oss" -> a scripted model (moelocal.scripted): greedy decoding says that family's
+    scripts (plain answer, tool call, answer to a tool result) with the real tokenizer and template."""
+    from moelocal import scripted
+
+    out = {}
+    for name in scripted.FAMILIES:
+        path = model_dir / f"scripted-{name}.gguf"
+        out[name] = path if path.is_file() else scripted.write_scripted(name, llama_assets / "models", path)
+    return out

@@ -17,7 +17,7 @@ from moelocal.gguf_model import read_summary
 from moelocal.hardware import GPU, GiB, Hardware
 
 FAST = ("--threads", "1", "--ctx", "512")
-RECORD_KEYS = {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
+RECORD_KEYS = {"id", "content", "reasoning", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}
 
 
 def moelocal(*args: str, input: str | None = None, timeout: float = 120) -> subprocess.CompletedProcess:
@@ -76,6 +76,128 @@ def test_a_file_that_is_not_gguf_is_exit_2(tmp_path):
 def test_an_empty_prompt_is_a_usage_error(model):
     run = moelocal("generate", model, input="   \n")
     assert (run.returncode, run.stderr) == (2, "Error: the prompt is empty (give one with -p TEXT or on stdin)\n")
+
+
+@pytest.fixture(scope="module")
+def thinking_model(llama_assets, tmp_path_factory) -> str:
+    """The qwen3moe test model with Qwen3.5's real template, which opens <think> in the generation prompt:
+    all the (random) model writes is thinking, unless enable_thinking is false."""
+    from moelocal import testmodels
+
+    template = (llama_assets / "models" / "templates" / "Qwen3.5-4B.jinja").read_text(encoding="utf-8")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(testmodels, "CHATML_TEMPLATE", template)  # what the writer puts in tokenizer.chat_template
+        path = testmodels.write_model("qwen3moe", tmp_path_factory.mktemp("thinking") / "qwen35-think.gguf")
+    return str(path)
+
+
+def test_generate_keeps_the_thinking_off_stdout(thinking_model):
+    args = ("generate", thinking_model, "-p", "Hi", "-n", "12", "--ignore-eos", "--seed", "4", *FAST)
+    rec = json.loads(moelocal(*args, "--json").stdout)
+    assert rec["content"] == "" and rec["reasoning"] and rec["reasoning"] == rec["text"].strip()
+    assert rec["completion_tokens"] == 12
+    plain = moelocal(*args)
+    assert plain.returncode == 0 and plain.stdout == "\n"  # the answer alone: all 12 tokens were thinking
+    shown = moelocal(*args, "--show-reasoning")
+    assert shown.stdout == "\n" and rec["reasoning"] in shown.stderr  # the thinking on stderr
+    off = json.loads(moelocal(*args, "--no-think", "--json").stdout)
+    assert off["reasoning"] == "" and off["content"] == off["text"].strip() and off["content"]
+    assert off["prompt_tokens"] > rec["prompt_tokens"]  # the prompt closed the block: <think>\n\n</think>
+    effort = moelocal(*args, "--reasoning-effort", "low", "--json")
+    assert "takes no reasoning_effort; --reasoning-effort is ignored" in effort.stderr.replace("\n", "")
+    assert json.loads(effort.stdout)["reasoning"] == rec["reasoning"]
+
+
+def test_a_json_schema_answer_of_a_thinking_model_is_the_content(thinking_model, tmp_path):
+    schema = tmp_path / "s.json"
+    schema.write_text(json.dumps({"type": "object", "properties": {"a": {"type": "integer"}}, "required": ["a"]}))
+    run = moelocal("generate", thinking_model, "-p", "Hi", "--json-schema", str(schema), "--json", "-n", "40",
+                   "--seed", "1", *FAST)
+    assert run.returncode == 0, run.stderr
+    rec = json.loads(run.stdout)
+    assert rec["reasoning"] == "" and isinstance(json.loads(rec["content"])["a"], int)
+
+
+HELLO = "Hello! How can I help you today?"
+GREETED = "The user greets me. I will greet them back."
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
+def test_generate_a_scripted_thinking_model(scripted_models, family):
+    args = ("generate", str(scripted_models[family]), "-p", "Hi there!", "--temp", "0", "--threads", "1",
+            "--ctx", "2048")
+    plain = moelocal(*args)
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, HELLO + "\n", "")
+    shown = moelocal(*args, "--show-reasoning")
+    assert (shown.stdout, shown.stderr) == (HELLO + "\n", GREETED + "\n")
+    rec = json.loads(moelocal(*args, "--json").stdout)
+    assert (rec["content"], rec["reasoning"], rec["finish_reason"]) == (HELLO, GREETED, "stop")
+    assert rec["text"].endswith(HELLO) and GREETED in rec["text"] and rec["text"] != HELLO
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
+def test_batch_a_scripted_model_calls_the_tool_then_answers(scripted_models, family):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = moelocal("batch", str(scripted_models[family]), "--temp", "0", "--threads", "1", "--ctx", "2048",
+                     input=json.dumps({"id": 1, "messages": ask, "tools": WEATHER_TOOLS}) + "\n")
+    rec = json.loads(first.stdout)
+    assert rec["finish_reason"] == "tool_calls" and rec["content"] == ""
+    assert rec["reasoning"] == "The user wants the weather in Paris. I should call get_weather."
+    [call] = rec["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+    # the call and its result go back in, through the template, and the model answers
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": '{"sky": "sunny", "celsius": 18}'}]
+    second = moelocal("batch", str(scripted_models[family]), "--temp", "0", "--threads", "1", "--ctx", "2048",
+                      input=json.dumps({"id": 2, "messages": history, "tools": WEATHER_TOOLS}) + "\n")
+    rec = json.loads(second.stdout)
+    assert (rec["content"], rec["reasoning"], rec["tool_calls"], rec["finish_reason"]) == (
+        "It is sunny in Paris, 18 degrees.", "The tool says it is sunny and warm.", [], "stop")
+
+
+def test_batch_records_carry_content_reasoning_and_tool_calls(thinking_model):
+    tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
+        "type": "object", "properties": {"city": {"type": "string"}}}}}]
+    ask = [{"role": "user", "content": "Weather in Paris?"}]
+    lines = [json.dumps({"id": "think", "messages": ask}),
+             json.dumps({"id": "tools", "messages": ask, "tools": tools}),
+             json.dumps({"id": "off", "messages": ask, "enable_thinking": False}),
+             json.dumps({"id": "bad", "messages": ask, "tools": [{"function": {}}]}),
+             json.dumps({"id": "round", "messages": ask + [
+                 {"role": "assistant", "content": None, "tool_calls": [{"id": "c1", "type": "function", "function": {
+                     "name": "get_weather", "arguments": '{"city": "Paris"}'}}]},
+                 {"role": "tool", "tool_call_id": "c1", "content": "sunny"}], "tools": tools})]
+    run = moelocal("batch", thinking_model, "--seed", "1", "-n", "8", "--ignore-eos", "--threads", "1", "--ctx", "2048",
+                   input="\n".join(lines) + "\n")
+    assert run.returncode == 0, run.stderr
+    recs = {r["id"]: r for r in map(json.loads, run.stdout.splitlines())}
+    assert set(recs["think"]) == RECORD_KEYS and recs["think"]["content"] == "" and recs["think"]["reasoning"]
+    assert set(recs["tools"]) == RECORD_KEYS | {"tool_calls"} and recs["tools"]["tool_calls"] == []
+    assert recs["tools"]["prompt_tokens"] > recs["think"]["prompt_tokens"] + 20  # the tools are in the prompt
+    assert recs["off"]["reasoning"] == "" and recs["off"]["content"]
+    assert recs["bad"]["error"].startswith('line 4: "tools" must be a list of')
+    assert recs["round"]["finish_reason"] == "length" and recs["round"]["prompt_tokens"] > \
+        recs["tools"]["prompt_tokens"]
+
+
+def test_generated_text_carries_the_special_tokens(model):
+    """The formats' parsers read markup that is special tokens (harmony's <|channel|>): the engine renders them."""
+    from moelocal.engine import Engine
+    from moelocal.formats import ChatFormat
+    from moelocal.testmodels import special_token_id
+
+    plan = build_plan(read_summary(model), PlacementFlags(), ctx=256, threads=1)
+    with Engine.load(model, plan) as engine:
+        token = special_token_id("<|im_start|>")
+        assert engine.tokenize("<|im_start|>", add_special=False) == [token]
+        assert engine.token_bytes(token) == b"<|im_start|>"
+        assert engine.token_bytes(token, special=False) == b""  # what llama.cpp's special=False did
+        assert engine.chat_format == ChatFormat()  # a ChatML model: plain text, nothing to take apart
+        assert set(engine.special_tokens) >= {"<|im_start|>", "<|im_end|>", "<|endoftext|>"}
 
 
 # ---- batch -----------------------------------------------------------------------------------

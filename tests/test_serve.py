@@ -454,3 +454,200 @@ def test_moelocal_serve_runs_the_planned_model_until_ctrl_c(model, tmp_path):
         if proc.poll() is None:
             proc.kill()
             proc.wait()
+
+
+# ---- structured output and sampling fields ------------------------------------------------------
+
+PERSON = {"type": "object", "properties": {"name": {"type": "string", "maxLength": 16}, "age": {"type": "integer"},
+                                           "tags": {"type": "array", "items": {"enum": ["a", "b"]}, "maxItems": 3}},
+          "required": ["name", "age", "tags"], "additionalProperties": False}
+
+
+def test_response_format_json_schema_validates_for_20_seeds_on_the_demo_model():
+    jsonschema = pytest.importorskip("jsonschema")
+    openai = pytest.importorskip("openai")
+    from moelocal.server import create_app
+    from moelocal.source import demo_model_path
+
+    user = [{"role": "user", "content": "Describe a person as JSON."}]
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON, "strict": True}}
+    with Engine.load(demo_model_path(), cpu_plan(512)) as engine, running(create_app(engine, "demo")) as base:
+        api = client(base)
+        answers = set()
+        for seed in range(20):
+            if seed % 2:  # streamed, the pieces put together
+                pieces = list(api.chat.completions.create(model="demo", messages=user, response_format=fmt,
+                                                          temperature=0.9, seed=seed, max_tokens=300, stream=True))
+                text = "".join(p.choices[0].delta.content or "" for p in pieces if p.choices)
+                finish = [p.choices[0].finish_reason for p in pieces if p.choices][-1]
+            else:
+                r = api.chat.completions.create(model="demo", messages=user, response_format=fmt, temperature=0.9,
+                                                seed=seed, max_tokens=300)
+                text, finish = r.choices[0].message.content, r.choices[0].finish_reason
+            assert finish == "stop"
+            jsonschema.validate(json.loads(text), PERSON)
+            answers.add(text)
+        assert len(answers) > 10
+        r = api.chat.completions.create(model="demo", messages=user, response_format={"type": "json_object"},
+                                        temperature=0.9, seed=1, max_tokens=300)
+        assert isinstance(json.loads(r.choices[0].message.content), dict)
+
+        for bad, message in (
+            ({"type": "json_schema", "json_schema": {"name": "x", "schema": {"type": "strange"}}},
+             "the JSON schema cannot be turned into a grammar: Unrecognized schema: {'type': 'strange'}"),
+            ({"type": "yaml"}, "'response_format.type' must be text, json_object or json_schema; got 'yaml'"),
+        ):
+            with pytest.raises(openai.BadRequestError) as e:
+                api.chat.completions.create(model="demo", messages=user, response_format=bad)
+            assert (e.value.body["message"], e.value.body["param"]) == (message, "response_format")
+        with pytest.raises(openai.BadRequestError) as e:
+            api.chat.completions.create(model="demo", messages=user, presence_penalty=3)
+        assert e.value.body["message"] == "presence_penalty must be in [-2, 2], got 3.0"
+
+
+def test_penalties_and_llama_server_fields_reach_the_sampler(url, ref):
+    messages = [{"role": "user", "content": "Tell me about the sea."}]
+    params = SamplingParams(temperature=0, max_tokens=16, ignore_eos=True, repeat_penalty=1.5, presence_penalty=0.5,
+                            frequency_penalty=0.3, penalty_last_n=32, top_k=5, min_p=0.1)
+    want, _ = expected(ref, messages, params)
+    plain, _ = expected(ref, messages, SamplingParams(temperature=0, max_tokens=16, ignore_eos=True))
+    assert want != plain  # the penalties change this answer
+    r = client(url).chat.completions.create(model="qwen3moe-q8_0", messages=messages, temperature=0, max_tokens=16,
+                                            presence_penalty=0.5, frequency_penalty=0.3, extra_body={
+                                                "ignore_eos": True, "repeat_penalty": 1.5, "repeat_last_n": 32,
+                                                "top_k": 5, "min_p": 0.1})
+    assert r.choices[0].message.content == want
+
+
+# ---- reasoning and tool calls: the scripted models (moelocal.scripted) ----------------------------
+
+WEATHER = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+ASK = [{"role": "user", "content": "What is the weather in Paris?"}]
+# what each script says, taken apart (moelocal.scripted's scripts through the family's parser)
+PLAIN = ("The user greets me. I will greet them back.", "Hello! How can I help you today?")
+CALLING = "The user wants the weather in Paris. I should call get_weather."
+ANSWER = ("The tool says it is sunny and warm.", "It is sunny in Paris, 18 degrees.")
+
+
+@pytest.fixture(scope="module", params=["qwen3", "gpt-oss"])
+def scripted(request, scripted_models) -> Iterator[tuple[str, str]]:
+    """(family, base URL) of a server running that family's scripted model."""
+    pytest.importorskip("fastapi")
+    from moelocal.server import create_app
+
+    with Engine.load(scripted_models[request.param], cpu_plan()) as engine, running(
+        create_app(engine, "scripted")
+    ) as base:
+        yield request.param, base
+
+
+def streamed(api, **request) -> tuple[str, str, list, str]:
+    """(reasoning, content, tool-call deltas, finish reason) of a streamed chat answer."""
+    reasoning, content, calls, finish = [], [], [], None
+    for c in api.chat.completions.create(model="scripted", temperature=0, stream=True, **request):
+        if not c.choices:
+            continue
+        d = c.choices[0].delta
+        reasoning.append(getattr(d, "reasoning_content", None) or "")
+        content.append(d.content or "")
+        calls += d.tool_calls or []
+        finish = c.choices[0].finish_reason or finish
+    return "".join(reasoning), "".join(content), calls, finish
+
+
+def test_reasoning_comes_apart_from_the_answer(scripted):
+    api = client(scripted[1])
+    r = api.chat.completions.create(model="scripted", messages=[{"role": "user", "content": "Hi!"}], temperature=0)
+    m = r.choices[0].message
+    assert (m.reasoning_content, m.content, m.tool_calls, r.choices[0].finish_reason) == (*PLAIN, None, "stop")
+    assert streamed(api, messages=[{"role": "user", "content": "Hi!"}]) == (*PLAIN, [], "stop")
+
+
+def test_tool_calls_streamed_or_not_and_the_round_trip_with_the_result(scripted):
+    api = client(scripted[1])
+    r = api.chat.completions.create(model="scripted", messages=ASK, tools=WEATHER, temperature=0)
+    m = r.choices[0].message
+    assert r.choices[0].finish_reason == "tool_calls"
+    assert (m.content, m.reasoning_content, len(m.tool_calls)) == (None, CALLING, 1)
+    call = m.tool_calls[0]
+    assert (call.type, call.function.name, json.loads(call.function.arguments)) == (
+        "function", "get_weather", {"city": "Paris"})
+    assert call.id.startswith("call_")
+
+    reasoning, content, deltas, finish = streamed(api, messages=ASK, tools=WEATHER)
+    assert (reasoning, content, finish) == (CALLING, "", "tool_calls")
+    assert [(d.index, d.id, d.function.name, d.function.arguments) for d in deltas] == [
+        (0, call.id, "get_weather", call.function.arguments)]  # the same call, the same id
+
+    # the second round: the assistant's call (content null) and the tool's result rendered back
+    history = ASK + [m.model_dump(exclude_none=True),
+                     {"role": "tool", "tool_call_id": call.id, "content": '{"sky": "sunny", "celsius": 18}'}]
+    r = api.chat.completions.create(model="scripted", messages=history, tools=WEATHER, temperature=0)
+    m2 = r.choices[0].message
+    assert (m2.reasoning_content, m2.content, m2.tool_calls, r.choices[0].finish_reason) == (*ANSWER, None, "stop")
+    assert streamed(api, messages=history, tools=WEATHER) == (*ANSWER, [], "stop")
+
+
+def test_tool_choice_narrows_the_tools(scripted):
+    import openai
+
+    api = client(scripted[1])
+    r = api.chat.completions.create(model="scripted", messages=ASK, tools=WEATHER, tool_choice="none", temperature=0)
+    assert (r.choices[0].message.content, r.choices[0].message.tool_calls) == (PLAIN[1], None)  # no tools shown
+    r = api.chat.completions.create(model="scripted", messages=ASK, tools=WEATHER, temperature=0, tool_choice={
+        "type": "function", "function": {"name": "get_weather"}})
+    assert r.choices[0].message.tool_calls[0].function.name == "get_weather"
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="scripted", messages=ASK, tools=WEATHER, tool_choice={
+            "type": "function", "function": {"name": "get_time"}})
+    assert e.value.body["message"] == "'tool_choice' names the function 'get_time', which 'tools' does not have"
+
+
+def test_reasoning_effort_reaches_a_template_that_reads_it(scripted):
+    import openai
+
+    family, base = scripted
+    api = client(base)
+    hi = [{"role": "user", "content": "Hi!"}]
+    low = api.chat.completions.create(model="scripted", messages=hi, temperature=0, reasoning_effort="low")
+    again = api.chat.completions.create(model="scripted", messages=hi, temperature=0, reasoning_effort="low")
+    high = api.chat.completions.create(model="scripted", messages=hi, temperature=0, reasoning_effort="high")
+    assert low.choices[0].message.content == high.choices[0].message.content == PLAIN[1]
+    n = low.usage.prompt_tokens
+    assert again.usage.prompt_tokens_details.cached_tokens == n - 1  # the same prompt
+    cached = high.usage.prompt_tokens_details.cached_tokens
+    if family == "gpt-oss":  # its system message says "Reasoning: low" or "Reasoning: high"
+        assert cached < n - 5
+    else:  # Qwen3's template has no such switch: the prompt stays the same
+        assert cached == n - 1
+    with pytest.raises(openai.BadRequestError) as e:
+        api.chat.completions.create(model="scripted", messages=hi, reasoning_effort="extreme")
+    assert e.value.body["message"] == "'reasoning_effort' must be one of low, medium, high; got 'extreme'"
+
+
+@pytest.mark.parametrize(("patch", "message"), [
+    ({"tools": {"name": "x"}}, "'tools' must be a list of {\"type\": \"function\", \"function\": {...}} objects"),
+    ({"tools": [{"type": "function", "function": {"name": "get weather"}}]},
+     "tools[0].function.name must be 1 to 64 letters, digits, '_', '.' or '-'; got 'get weather'"),
+    ({"tools": [{"type": "code_interpreter"}]},
+     "tools[0] must be {\"type\": \"function\", \"function\": {\"name\", \"description\", \"parameters\"}}"),
+    ({"tools": [{"type": "function", "function": {"name": "f", "parameters": "none"}}]},
+     "tools[0].function.parameters must be a JSON schema object"),
+    ({"tool_choice": "required"}, "'tool_choice' needs 'tools' to choose from"),
+    ({"messages": [{"role": "tool", "content": "18 C"}]},
+     "messages[0] (role tool) needs the 'tool_call_id' of the call it answers"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": [{"type": "function", "function": {
+        "arguments": "{}"}}]}]}, "messages[0].tool_calls[0].function.name must be a non-empty string"),
+    ({"messages": [{"role": "assistant", "content": None, "tool_calls": {"id": "x"}}]},
+     "messages[0].tool_calls must be a list of {\"id\", \"type\": \"function\", \"function\": {\"name\", "
+     "\"arguments\"}} objects"),
+])
+def test_malformed_tools_and_messages_are_one_clear_400(scripted, patch, message):
+    import httpx
+
+    body = {"model": "scripted", "messages": ASK, **patch}
+    r = httpx.post(scripted[1] + "/v1/chat/completions", json=body, timeout=30)
+    assert r.status_code == 400
+    assert r.json()["error"]["message"] == message and r.json()["error"]["type"] == "invalid_request_error"

@@ -22,10 +22,28 @@ if TYPE_CHECKING:
 _PLACE = "Placement (default: what `moelocal fit` recommends)"
 _SAMPLE = "Sampling"
 
-TempOpt = Annotated[float, typer.Option("--temp", help="Temperature; 0 always takes the likeliest token.",
-                                        rich_help_panel=_SAMPLE)]
-TopPOpt = Annotated[float, typer.Option("--top-p", help="Nucleus sampling: draw from the likeliest tokens "
-                                        "that make up this much probability.", rich_help_panel=_SAMPLE)]
+# Sampling flags default to None: unset, a run takes the model's recommendation (its GGUF's
+# general.sampling.* keys) or else llama.cpp's default, named in each help text.
+_REC = "Default: the model's recommendation, else"
+TempOpt = Annotated[float | None, typer.Option("--temp", help=f"Temperature; 0 always takes the likeliest token. "
+                                               f"{_REC} 0.8.", rich_help_panel=_SAMPLE, show_default=False)]
+TopPOpt = Annotated[float | None, typer.Option("--top-p", help="Nucleus sampling: draw from the likeliest tokens "
+                                               f"that make up this much probability. {_REC} 0.95.",
+                                               rich_help_panel=_SAMPLE, show_default=False)]
+TopKOpt = Annotated[int | None, typer.Option("--top-k", help=f"Draw from the K likeliest tokens only (0: all). "
+                                             f"{_REC} 40.", rich_help_panel=_SAMPLE, show_default=False)]
+MinPOpt = Annotated[float | None, typer.Option("--min-p", help="Drop tokens less likely than this share of the "
+                                               f"likeliest one. {_REC} 0.05.", rich_help_panel=_SAMPLE,
+                                               show_default=False)]
+RepeatPenaltyOpt = Annotated[float | None, typer.Option(
+    "--repeat-penalty", help=f"Make the last 64 tokens less likely to come again (1: off). {_REC} 1.",
+    rich_help_panel=_SAMPLE, show_default=False)]
+PresencePenaltyOpt = Annotated[float, typer.Option(
+    "--presence-penalty", help="OpenAI's presence penalty, -2..2: lower every token already seen by this much.",
+    rich_help_panel=_SAMPLE)]
+FrequencyPenaltyOpt = Annotated[float, typer.Option(
+    "--frequency-penalty", help="OpenAI's frequency penalty, -2..2: lower every token by this much per time seen.",
+    rich_help_panel=_SAMPLE)]
 SeedOpt = Annotated[int | None, typer.Option("--seed", help="Random seed: the same seed gives the same text. "
                                              "Default: a new one each time.", rich_help_panel=_SAMPLE)]
 MaxTokensOpt = Annotated[int, typer.Option("--max-tokens", "-n", help="Stop after this many tokens.",
@@ -88,12 +106,29 @@ class PlacementFlags:
         return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None or bool(self.overrides)
 
 
-def sampling(*, temp: float, top_p: float, seed: int | None, max_tokens: int, ignore_eos: bool = False,
-             stop: tuple[str, ...] = ()) -> SamplingParams:
+def sampling(*, temp: float | None, top_p: float | None, seed: int | None, max_tokens: int, ignore_eos: bool = False,
+             stop: tuple[str, ...] = (), top_k: int | None = None, min_p: float | None = None,
+             repeat_penalty: float | None = None, presence_penalty: float = 0.0,
+             frequency_penalty: float = 0.0) -> SamplingParams:
+    """The sampling flags as SamplingParams (checked); those not given stay None for the model's own."""
     from moelocal.engine import SamplingParams
 
-    return SamplingParams(temperature=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
-                          stop=stop).check()
+    return SamplingParams(temperature=temp, top_p=top_p, top_k=top_k, min_p=min_p, seed=seed, max_tokens=max_tokens,
+                          ignore_eos=ignore_eos, stop=stop, repeat_penalty=repeat_penalty,
+                          presence_penalty=presence_penalty, frequency_penalty=frequency_penalty).check()
+
+
+def sampling_line(engine: Engine, params: SamplingParams) -> str:
+    """'temp 0.6 · top-k 20 · top-p 0.95 · min-p 0 · repeat 1 (temp, top-k, top-p from the model)' for people."""
+    p = engine.sampling(params)
+    parts = [f"temp {p.temperature:g}", f"top-k {p.top_k}", f"top-p {p.top_p:g}", f"min-p {p.min_p:g}",
+             f"repeat {p.repeat_penalty:g} (last {p.penalty_last_n})"]
+    if p.presence_penalty or p.frequency_penalty:
+        parts.append(f"presence {p.presence_penalty:g} · frequency {p.frequency_penalty:g}")
+    names = {"temperature": "temp", "top_k": "top-k", "top_p": "top-p", "min_p": "min-p", "repeat_penalty": "repeat",
+             "penalty_last_n": "last n"}
+    from_model = [names[k] for k in names if k in engine.recommended and getattr(params, k) is None]
+    return " · ".join(parts) + (f" ({', '.join(from_model)} from the model)" if from_model else "")
 
 
 def resolve_model(text: str | None) -> tuple[Path, ModelSummary]:
@@ -344,3 +379,42 @@ _CONTROL = re.compile(r"[\x00-\x08\x0b-\x1f\x7f]")
 def for_terminal(text: str) -> str:
     """Model output with control characters removed: an ESC from a model must not drive the terminal."""
     return _CONTROL.sub("", text)
+
+
+# ---- reasoning (the conversation formats) ---------------------------------------------------
+
+_REASON = "Reasoning"
+EFFORTS = ("low", "medium", "high")
+ReasoningEffortOpt = Annotated[str | None, typer.Option(
+    "--reasoning-effort", help="How hard a model that takes a reasoning_effort thinks (gpt-oss): low, medium or "
+    "high. Default: the template's.", rich_help_panel=_REASON, show_default=False)]
+ThinkOpt = Annotated[bool | None, typer.Option(
+    "--think/--no-think", help="Turn thinking on or off for models whose template has a switch "
+    "(enable_thinking: Qwen3, DeepSeek-V3.1, GLM). Default: the template's.", rich_help_panel=_REASON,
+    show_default=False)]
+
+
+def template_args(fmt, *, enable_thinking: bool | None, reasoning_effort: str | None,
+                  say: bool = True) -> dict[str, object]:
+    """The template variables for --think/--no-think and --reasoning-effort, given what the template
+    reads (a ChatFormat); a setting the template ignores is said once (``say``) and left out."""
+    if reasoning_effort is not None and reasoning_effort not in EFFORTS:
+        raise UsageError(f"unknown reasoning effort {reasoning_effort!r}", "use low, medium or high")
+    out: dict[str, object] = {}
+    if enable_thinking is not None:
+        if fmt.thinking_toggle:
+            out["enable_thinking"] = enable_thinking
+        elif say:
+            warn("this model's chat template has no switch for thinking (enable_thinking); --think is ignored")
+    if reasoning_effort is not None:
+        if fmt.effort:
+            out["reasoning_effort"] = reasoning_effort
+        elif say:
+            warn("this model's chat template takes no reasoning_effort; --reasoning-effort is ignored")
+    return out
+
+
+def show_template_notes(engine) -> None:
+    """What the chat template needed adapting (a system role it lacks ...), each said once."""
+    for text in engine.new_notes():
+        note(f"({text})")

@@ -17,19 +17,24 @@ from moelocal.commands._run import (
     CpuMoeOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     IgnoreEosOpt,
     KvTypeOpt,
     MaxTokensOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
+    RepeatPenaltyOpt,
     SeedOpt,
     SystemOpt,
     TempOpt,
     ThreadsOpt,
+    TopKOpt,
     TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
@@ -42,7 +47,8 @@ from moelocal.errors import EngineError, UsageError
 
 # Per-line sampling keys and the SamplingParams field each sets.
 LINE_PARAMS = {"max_tokens": "max_tokens", "temperature": "temperature", "temp": "temperature", "top_p": "top_p",
-               "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop"}
+               "top_k": "top_k", "min_p": "min_p", "seed": "seed", "stop": "stop", "repeat_penalty": "repeat_penalty",
+               "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty"}
 # Requests at once when a GPU ran layers, before the default came from the predicted throughput
 # (explain.choose_parallel: an MoE's N sequences share the dense weights and many of their experts).
 GPU_PARALLEL = 4
@@ -60,6 +66,8 @@ class Job:
     messages: list | None = None
     params: Any = None
     error: str | None = None
+    tools: list | None = None
+    template_args: dict | None = None  # enable_thinking, reasoning_effort
 
 
 def batch(
@@ -74,8 +82,13 @@ def batch(
                                                  "caches fit.", show_default=False)] = None,
     system: SystemOpt = None,
     max_tokens: MaxTokensOpt = 512,
-    temp: TempOpt = 0.8,
-    top_p: TopPOpt = 0.95,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
     seed: SeedOpt = None,
     ctx: Annotated[int | None, typer.Option("--ctx", "-c", help=f"Context per request in tokens. Default: "
                                             f"{BATCH_CTX} (or the model's, if smaller).")] = None,
@@ -97,8 +110,13 @@ def batch(
 
     Each input line is {"id": ..., "prompt": "..."} (plain text completion) or {"id": ..., "messages":
     [{"role": "user", "content": "..."}]} (through the model's chat template, after --system if given),
-    optionally with its own max_tokens, temperature, top_p, top_k, min_p, seed or stop. Each output line
-    is {"id", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}, written whole and
+    optionally with its own max_tokens, temperature, top_p, top_k, min_p, repeat_penalty, presence_penalty,
+    frequency_penalty, seed, stop or response_format (OpenAI's: {"type": "json_object"} or {"type":
+    "json_schema", "json_schema": {"schema": ...}} constrains the answer to JSON), and for messages "tools"
+    (OpenAI's shape), "enable_thinking" or "reasoning_effort". Each output line is {"id", "content",
+    "reasoning", "text", "prompt_tokens", "completion_tokens", "finish_reason", "seconds"}: the answer, the
+    model's thinking apart from it, and the text as the model wrote it; with tools also "tool_calls" (id,
+    function name and arguments as a JSON string; finish_reason "tool_calls"). Records are written whole and
     flushed as soon as that request ends (so in the order they finish). A bad line becomes
     {"id", "line", "error"} and the batch goes on. With -o, a re-run skips ids already in the file: an
     interrupted batch resumes. With --seed, every request gets its own seed derived from it and its id,
@@ -112,7 +130,9 @@ def batch(
     """
     if parallel is not None and parallel < 1:
         raise UsageError(f"--parallel must be at least 1, got {parallel}")
-    base = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos)
+    base = sampling(temp=temp, top_p=top_p, seed=seed, max_tokens=max_tokens, ignore_eos=ignore_eos,
+                    top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                    presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     path, summary = resolve_model(model)  # a wrong MODEL fails before any output is written
     text = _read_input(input)
     done_ids, done_lines = _done(output) if output is not None else (set(), set())
@@ -157,21 +177,33 @@ def batch(
 
 
 def _run(engine, jobs: list[Job], n_seq: int, system: str | None, sink: IO[str]) -> None:
+    from moelocal.formats import Parser
+
     texts: dict[int, list[str]] = {}
+    parsers: dict[int, Any] = {}
     started = time.perf_counter()
     n_done = 0
+    fmt = engine.chat_format
 
     def requests():
         for i, j in enumerate(jobs):
             if j.messages is not None:
                 msgs = ([{"role": "system", "content": system}] if system else []) + j.messages
                 try:
-                    prompt: Any = engine.chat_tokens(msgs)
+                    reads = {"enable_thinking": fmt.thinking_toggle, "reasoning_effort": fmt.effort}
+                    targs = {k: v for k, v in (j.template_args or {}).items() if reads[k]}  # what the template reads
+                    if j.params.grammar and fmt.thinking_toggle:
+                        targs.setdefault("enable_thinking", False)  # the grammar leaves no room for thinking
+                    text = engine.render_chat(msgs, tools=j.tools, **targs)
+                    prompt: Any = engine.prompt_tokens(text)
+                    # under a grammar (response_format) all the model writes is the constrained answer
+                    parsers[i] = Parser(text) if j.params.grammar else fmt.parser(text, j.tools)
                 except EngineError as exc:  # a template that rejects these messages fails this line only
                     prompt = ""
                     jobs[i] = replace(j, error=f"line {j.line}: {exc.message}")
             else:
                 prompt = j.prompt
+                parsers[i] = Parser(prompt)  # a plain completion: the text is the content
             yield prompt, j.params
 
     bar = _Bar(len(jobs))
@@ -184,14 +216,19 @@ def _run(engine, jobs: list[Job], n_seq: int, system: str | None, sink: IO[str])
                 if chunk.finish_reason == "error":
                     _write(sink, {"id": j.id, "line": j.line, "error": j.error or chunk.text, "finish_reason": "error"})
                 else:
-                    _write(sink, {
-                        "id": j.id,
-                        "text": "".join(texts.pop(chunk.index, [])),
-                        "prompt_tokens": chunk.prompt_tokens,
-                        "completion_tokens": chunk.completion_tokens,
-                        "finish_reason": chunk.finish_reason,
-                        "seconds": round(chunk.seconds, 3),
-                    })
+                    text = "".join(texts.pop(chunk.index, []))
+                    parser = parsers.pop(chunk.index)
+                    parser.feed(text)
+                    msg = parser.finish()
+                    rec: dict[str, Any] = {"id": j.id, "content": msg.content, "reasoning": msg.reasoning, "text": text}
+                    finish = chunk.finish_reason
+                    if j.tools is not None:
+                        rec["tool_calls"] = [c.to_openai() for c in msg.tool_calls]
+                        if msg.tool_calls and finish == "stop":
+                            finish = "tool_calls"
+                    rec.update(prompt_tokens=chunk.prompt_tokens, completion_tokens=chunk.completion_tokens,
+                               finish_reason=finish, seconds=round(chunk.seconds, 3))
+                    _write(sink, rec)
                 n_done += 1
                 bar.advance(n_done)
     finally:
@@ -248,6 +285,21 @@ def _parse_line(n: int, raw: str, base, seed: int | None, seen: set[str]) -> Job
         return Job(n, rid, error=f"line {n}: \"prompt\" must be a non-empty string")
     if messages is not None and not _valid_messages(messages):
         return Job(n, rid, error=f"line {n}: \"messages\" must be a list of {{\"role\", \"content\"}} objects")
+    tools = obj.get("tools")
+    if tools is not None and (messages is None or not isinstance(tools, list)
+                              or not all(isinstance(t, dict) and isinstance((t.get("function") or {}).get("name"), str)
+                                         for t in tools)):
+        return Job(n, rid, error=f"line {n}: \"tools\" must be a list of {{\"type\": \"function\", \"function\": "
+                   "{\"name\", ...}} objects, with \"messages\"")
+    targs: dict[str, Any] = {}
+    if "enable_thinking" in obj:
+        if not isinstance(obj["enable_thinking"], bool):
+            return Job(n, rid, error=f"line {n}: \"enable_thinking\" must be true or false")
+        targs["enable_thinking"] = obj["enable_thinking"]
+    if "reasoning_effort" in obj:
+        if obj["reasoning_effort"] not in ("low", "medium", "high"):
+            return Job(n, rid, error=f"line {n}: \"reasoning_effort\" must be \"low\", \"medium\" or \"high\"")
+        targs["reasoning_effort"] = obj["reasoning_effort"]
     changes: dict[str, Any] = {}
     for k, field in LINE_PARAMS.items():
         if k in obj:
@@ -263,6 +315,13 @@ def _parse_line(n: int, raw: str, base, seed: int | None, seen: set[str]) -> Job
             elif not isinstance(v, (int, float)) or isinstance(v, bool):
                 return Job(n, rid, error=f"line {n}: {k!r} must be a number")
             changes[field] = v
+    if obj.get("response_format") is not None:  # structured output: a grammar from the schema
+        from moelocal.grammar import response_format_grammar
+
+        try:
+            changes["grammar"] = response_format_grammar(obj["response_format"])
+        except UsageError as exc:
+            return Job(n, rid, error=f"line {n}: {exc.message}")
     if "seed" not in changes and seed is not None:
         # each request its own seed, fixed by --seed and its id: the same answer whatever the order
         changes["seed"] = (seed + zlib.crc32(key.encode())) % (2**32 - 1)
@@ -271,12 +330,15 @@ def _parse_line(n: int, raw: str, base, seed: int | None, seen: set[str]) -> Job
         params.check()
     except UsageError as exc:
         return Job(n, rid, error=f"line {n}: {exc.message}")
-    return Job(n, rid, prompt=prompt, messages=messages, params=params)
+    return Job(n, rid, prompt=prompt, messages=messages, params=params, tools=tools, template_args=targs)
 
 
 def _valid_messages(messages: Any) -> bool:
+    # content may be None (an assistant's tool calls) or a list of parts, as OpenAI's API allows
     return (isinstance(messages, list) and bool(messages)
-            and all(isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            and all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                    and (isinstance(m.get("content"), (str, list))
+                         or (m.get("content") is None and bool(m.get("tool_calls"))))
                     for m in messages))
 
 

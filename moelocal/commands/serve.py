@@ -18,19 +18,28 @@ from moelocal.commands._run import (
     CtxOpt,
     FlashAttnOpt,
     ForceOpt,
+    FrequencyPenaltyOpt,
     KvTypeOpt,
+    MinPOpt,
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
     OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
+    PresencePenaltyOpt,
+    RepeatPenaltyOpt,
+    SeedOpt,
+    TempOpt,
     ThreadsOpt,
+    TopKOpt,
+    TopPOpt,
     WorkerMemOpt,
     WorkerOpt,
     load_engine,
     note,
     resolve_model,
+    sampling,
     warn,
 )
 from moelocal.errors import UsageError
@@ -56,6 +65,14 @@ def serve(
     cors_origin: Annotated[list[str] | None, typer.Option(
         "--cors-origin", help="Let scripts on this web origin call the API from a browser "
         "(http://localhost:3000; repeat for several, * for any). Default: none.")] = None,
+    temp: TempOpt = None,
+    top_p: TopPOpt = None,
+    top_k: TopKOpt = None,
+    min_p: MinPOpt = None,
+    repeat_penalty: RepeatPenaltyOpt = None,
+    presence_penalty: PresencePenaltyOpt = 0.0,
+    frequency_penalty: FrequencyPenaltyOpt = 0.0,
+    seed: SeedOpt = None,
     ctx: CtxOpt = None,
     threads: ThreadsOpt = None,
     plan: PlanOpt = "auto",
@@ -75,6 +92,10 @@ def serve(
     Endpoints: POST /v1/chat/completions and /v1/completions (streamed or not), GET /v1/models and
     GET /health. Any OpenAI client works: point its base URL at http://HOST:PORT/v1. Requests are
     queued and answered by the one loaded model; a client that disconnects stops its answer.
+    The sampling flags set the defaults for requests that do not give their own (temperature, top_p,
+    top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed); unset, the model's
+    recommendation applies. response_format {"type": "json_object"} or {"type": "json_schema", ...}
+    constrains an answer to JSON.
     Needs the server extras: pip install 'moelocal\[serve]'.
 
     Examples:
@@ -98,6 +119,10 @@ def serve(
         raise UsageError(f"--port must be in 0..65535, got {port}")
     if api_key is not None and not api_key.strip():
         raise UsageError("--api-key is empty")
+    # the defaults for requests that do not say; a request's own fields win
+    defaults = sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
+                        presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
+                        max_tokens=1)
     path, summary = resolve_model(model)
     model_id = alias or model_id_for(path)
     sock = listen(host, port)  # before loading: a busy port fails in a second, not after a minute
@@ -110,7 +135,8 @@ def serve(
                                workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw,
                                overrides=tuple(override_tensor or ()))
         engine = load_engine(path, summary, flags, ctx=ctx, threads=threads, n_seq=parallel)
-        app = create_app(engine, model_id, api_key, parallel=parallel, cors_origins=tuple(cors_origin or ()))
+        app = create_app(engine, model_id, api_key, parallel=parallel, defaults=defaults,
+                         cors_origins=tuple(cors_origin or ()))
         where = engine.expert_location(summary.n_layer) if summary.is_moe else "dense model"
         bare = host.strip("[]")
         shown = f"[{bare}]" if ":" in bare else bare
