@@ -8,6 +8,7 @@ import typer
 
 from moelocal import __version__
 from moelocal.commands import batch as batch_cmd
+from moelocal.commands import bench as bench_cmd
 from moelocal.commands import chat as chat_cmd
 from moelocal.commands import fit as fit_cmd
 from moelocal.commands import generate as generate_cmd
@@ -42,7 +43,7 @@ def _root(
 
 
 for _module in (inspect_cmd, fit_cmd, pull_cmd, models_cmd, chat_cmd, generate_cmd, batch_cmd, serve_cmd,
-                worker_cmd):
+                worker_cmd, bench_cmd):
     _module.register(app)
 
 

@@ -41,3 +41,9 @@ def worker_timeout() -> float:
         raise UsageError(f"MOELOCAL_WORKER_TIMEOUT={raw} is not a number of seconds",
                          "set it to a positive number, e.g. 300, or unset it for the default of 120")
     return value
+
+
+def calibrate_runs() -> bool:
+    """MOELOCAL_NO_CALIBRATE=1: chat, generate, batch and serve do not add what they measure to this
+    machine's calibration (`moelocal bench` always does)."""
+    return os.environ.get("MOELOCAL_NO_CALIBRATE", "") in ("", "0", "false")

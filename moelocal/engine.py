@@ -26,6 +26,7 @@ from moelocal import config, native, rpc
 from moelocal.errors import EngineError, UsageError
 from moelocal.formats import CHATML_TEMPLATE, ChatFormat, detect_format, render_template
 from moelocal.formats import render_chat as _render_chat
+from moelocal.hardware import default_threads
 from moelocal.plan import DeviceMemory, Plan
 
 # Buffers llama.cpp reports may differ from the plan by this share before anyone is warned
@@ -172,17 +173,6 @@ class Deviation:
 
 
 # ---- small pure helpers ----------------------------------------------------------------------
-
-
-def default_threads() -> int:
-    """llama.cpp's own default: one thread per physical core."""
-    try:
-        import psutil
-
-        n = psutil.cpu_count(logical=False)
-    except Exception:
-        n = None
-    return max(1, n or os.cpu_count() or 1)
 
 
 def extra_bufts_default(cpu_extra_bufts: Sequence[str]) -> bool:

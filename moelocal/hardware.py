@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from moelocal.errors import HardwareSpecError
 
 if TYPE_CHECKING:
-    from moelocal.rpc import WorkerInfo
     from moelocal.speed import Calibration
 
 GiB = 1 << 30
@@ -142,6 +141,34 @@ PROBE_VERSION = 2
 DEFAULT_DISK_BW = 2 * GB  # an NVMe SSD reading large pages sequentially
 # The link to RPC workers: gigabit Ethernet. Override with --net-bw (10GbE: 1.25GB/s).
 DEFAULT_NET_BW = 1e9 / 8
+
+
+def default_threads() -> int:
+    """llama.cpp's own default thread count: one thread per physical core."""
+    try:
+        import psutil
+
+        n = psutil.cpu_count(logical=False)
+    except Exception:
+        n = None
+    return max(1, n or os.cpu_count() or 1)
+
+
+@dataclass(frozen=True)
+class WorkerDevice:
+    """One device an RPC worker serves, with the memory it reports."""
+
+    free: int
+    total: int
+
+
+@dataclass(frozen=True)
+class WorkerInfo:
+    """What an RPC worker said about itself (rpc.probe asks; with_workers adds its devices)."""
+
+    endpoint: str  # host:port as given (llama.cpp names buffers after it)
+    devices: tuple[WorkerDevice, ...]
+    version: tuple[int, int, int]
 
 
 @dataclass(frozen=True)
@@ -474,6 +501,32 @@ def with_workers(hw: Hardware, workers: Sequence[WorkerInfo], *, mem: Sequence[s
     return replace(out, overridden=tuple(dict.fromkeys(changed)))
 
 
+def usable_by_llama(hw: Hardware, llama_gpus: int, gpu_backends: Sequence[str] = (),
+                    why: str = "") -> tuple[Hardware, str | None]:
+    """``hw`` with only the local GPUs llama.cpp can use, and one line for people when that is not all
+    of them, or when a GPU build finds none (None when all is as detected).
+
+    ``llama_gpus``: how many GPU devices llama.cpp registered; ``gpu_backends``: the GPU backends it was
+    built with (CUDA, Metal ...; none for a CPU build); ``why``: what llama.cpp said, if anything. A CUDA
+    build on a machine without a usable driver registers no GPU: the plan is then the CPU's, as
+    llama.cpp itself would run it, instead of one that names a GPU it cannot reach.
+    """
+    local = [i for i, g in enumerate(hw.gpus) if not g.remote]
+    built = "/".join(gpu_backends)
+    reason = f" ({why})" if why else ""
+    if llama_gpus >= len(local):
+        if not local and gpu_backends and llama_gpus == 0:
+            return hw, f"llama.cpp is built for {built} but finds no usable GPU{reason}: running on the CPU"
+        return hw, None
+    keep = set(local[:llama_gpus])
+    out = replace(hw, gpus=tuple(g for i, g in enumerate(hw.gpus) if g.remote or i in keep))
+    where = "planning and running on the CPU" if llama_gpus == 0 else f"using the first {llama_gpus}"
+    if not gpu_backends:
+        return out, (f"this llama-cpp-python is a CPU-only build: the {len(local)} GPU(s) here go unused, {where} "
+                     "(reinstall it with scripts/install.sh --backend cuda to use them)")
+    return out, f"llama.cpp ({built}) can use {llama_gpus} of the {len(local)} GPU(s) here{reason}: {where}"
+
+
 # ---- detection -------------------------------------------------------------------------------
 
 
@@ -486,7 +539,7 @@ def detect(probe: bool = True) -> Hardware:
     name, flags = _cpu_info()
     gpus = _nvidia_gpus() or _apple_gpus(vm.total)
     bw = cpu_bandwidth(name) if probe else 20 * GB
-    return Hardware(
+    hw = Hardware(
         cpu_name=name,
         cpu_cores=cores,
         ram_total=vm.total,
@@ -497,6 +550,11 @@ def detect(probe: bool = True) -> Hardware:
         has_amx="amx_tile" in flags or "amx_int8" in flags,
         cpu_bw_rated=not probe,  # the probe measured what this machine reads; without it, a guess
     )
+    if not probe:  # a stand-in bandwidth: factors measured against the probe's would not apply
+        return hw
+    from moelocal import calibration  # this machine's measured speeds (moelocal bench, runs)
+
+    return calibration.attach(hw)
 
 
 def _cpu_info() -> tuple[str, set[str]]:

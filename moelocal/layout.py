@@ -8,10 +8,13 @@ from __future__ import annotations
 
 import bisect
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
 
+from moelocal.errors import UsageError
 from moelocal.gguf_model import ModelSummary, TensorInfo
+from moelocal.hardware import Hardware
 from moelocal.plan import CPU, Placement
 
 # llama.cpp's --cpu-moe / --n-cpu-moe pattern (common/common.h: LLM_FFN_EXPS_REGEX).
@@ -26,6 +29,108 @@ def n_cpu_moe_overrides(n: int) -> tuple[tuple[str, str], ...]:
 def cpu_moe_overrides() -> tuple[tuple[str, str], ...]:
     """The override `--cpu-moe` makes: every routed expert stays in host memory."""
     return ((EXPS_REGEX, CPU),)
+
+
+def last_n_cpu_moe_overrides(n: int, n_layer: int) -> tuple[tuple[str, str], ...]:
+    """Routed experts of the last ``n`` repeating layers in host memory, as one compact override
+    (what llama.cpp's own --fit does: ``blk\\.(4[0-7])\\.ffn_(up|down|gate|gate_up)_(ch|)exps=CPU``)."""
+    n = max(0, min(n, n_layer))
+    if n == 0:
+        return ()
+    return ((rf"blk\.({int_range_regex(n_layer - n, n_layer - 1)}){EXPS_REGEX}", CPU),)
+
+
+def int_range_regex(lo: int, hi: int) -> str:
+    """An alternation that matches exactly the decimal numbers lo..hi ('3[6-9]|4[0-7]'); used between
+    ``blk\\.`` and ``\\.``, which anchor it."""
+    parts: list[str] = []
+    n = lo
+    while n <= hi:
+        # the largest block n..m that shares every digit but the last few (n..n+10^k-1, aligned)
+        k = 0
+        while k + 1 < len(str(n)) and n % 10 ** (k + 1) == 0 and n + 10 ** (k + 1) - 1 <= hi:
+            k += 1
+        if k == 0:
+            m = min(hi, n - n % 10 + 9)  # the rest of this decade: 36..39
+            head, d0, d1 = str(n)[:-1], n % 10, m % 10
+            parts.append(head + (str(d0) if d0 == d1 else f"[{d0}-{d1}]"))
+            n = m + 1
+        else:
+            # whole decades (or hundreds): 40..79 -> [4-7][0-9]; n is a multiple of 10^k here
+            step = 10**k
+            last = n + ((hi - n + 1) // step) * step - 1  # the last full block of this size
+            top = min(last, n - n % (step * 10) + step * 10 - 1)  # stay inside the next digit up
+            head, a, b = str(n // step)[:-1], (n // step) % 10, (top // step) % 10
+            parts.append(head + (str(a) if a == b else f"[{a}-{b}]") + "[0-9]" * k)
+            n = top + 1
+    return "|".join(parts)
+
+
+_GPU_BUFT = re.compile(r"(CUDA|ROCm|Vulkan|SYCL|MTL|Metal|MUSA|CANN|OpenCL)(\d*)", re.IGNORECASE)
+_RPC_BUFT = re.compile(r"RPC(\d*)\[([^\]]+)\]", re.IGNORECASE)
+
+
+def override_device(name: str, hw: Hardware) -> str:
+    """The plan device (cpu, gpuN, rpcN) for a buffer type named as llama.cpp's -ot takes it: CPU,
+    CUDA0, Vulkan1, RPC0[host:port] (the worker's first device; RPC[host:port] too), or moelocal's own
+    names. Raises UsageError naming the ones that exist here."""
+    text = name.strip()
+    names = hw.gpu_names
+    if text.lower() == CPU or text.lower() in names:
+        return text.lower()
+    m = _GPU_BUFT.fullmatch(text)
+    if m:
+        i = int(m.group(2) or 0)
+        local = [n for n in names if n.startswith("gpu")]
+        if i < len(local):
+            return local[i]
+    m = _RPC_BUFT.fullmatch(text)
+    if m:
+        from moelocal.rpc import normalize_endpoint
+
+        want, index = m.group(2), int(m.group(1) or 0)
+        try:
+            want = normalize_endpoint(want)
+        except UsageError:
+            pass
+        for dev, g in zip(names, hw.gpus, strict=True):
+            if g.remote and g.endpoint == want and g.remote_index == index:
+                return dev
+    raise UsageError(f"-ot: unknown buffer type {text!r}", "buffer types here: " + ", ".join(buffer_type_names(hw)))
+
+
+def buffer_type_names(hw: Hardware) -> list[str]:
+    """The buffer type names -ot accepts on ``hw``, as llama.cpp names them."""
+    out = ["CPU"]
+    n_local = 0
+    for g in hw.gpus:
+        if g.remote:
+            out.append(f"RPC{g.remote_index}[{g.endpoint}]")
+        else:
+            out.append({"metal": "Metal", "vulkan": f"Vulkan{n_local}"}.get(g.backend, f"CUDA{n_local}"))
+            n_local += 1
+    return out
+
+
+def parse_tensor_overrides(values: Sequence[str], hw: Hardware) -> tuple[tuple[str, str], ...]:
+    """llama.cpp's ``-ot/--override-tensor`` values (each ``PATTERN=BUFFER_TYPE[,PATTERN=BUFFER_TYPE...]``,
+    repeatable) as (regex, plan device) pairs in the order given: the first pattern that a tensor's
+    name contains (regex search, not a full match) decides where it goes."""
+    out: list[tuple[str, str]] = []
+    for value in values:
+        for item in str(value).split(","):
+            if not item.strip():
+                continue
+            pattern, eq, target = item.partition("=")
+            if not eq or not pattern:
+                raise UsageError(f"-ot {item!r}: expected PATTERN=BUFFER_TYPE",
+                                 r"e.g. -ot 'blk\.(4[0-7])\.ffn_.*_exps=CPU'")
+            try:
+                re.compile(pattern)
+            except re.error as exc:
+                raise UsageError(f"-ot {item!r}: {pattern!r} is not a valid regular expression ({exc})") from None
+            out.append((pattern, override_device(target, hw)))
+    return tuple(out)
 
 
 def layer_devices(n_layer: int, placement: Placement) -> list[str]:

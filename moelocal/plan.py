@@ -25,7 +25,9 @@ class Placement:
     ``n_gpu_layers`` follows ``-ngl``: llama.cpp offloads the output head first, then repeating
     layers from the last one down (``-ngl 1`` is the head alone; ``n_layer + 1`` is everything).
     ``n_cpu_moe`` keeps the routed experts of the first N layers in host memory, spelled out as
-    ``tensor_overrides`` (regex, device) pairs that the engine hands to llama.cpp.
+    ``tensor_overrides`` (regex, device) pairs that the engine hands to llama.cpp; with
+    ``experts_last`` they are the experts of the *last* N layers instead (what llama.cpp's --fit
+    does). Any other overrides (``-ot``) are kept as given, with ``n_cpu_moe`` 0.
     """
 
     n_gpu_layers: int = 0
@@ -34,10 +36,11 @@ class Placement:
     devices: tuple[str, ...] = ()  # the GPUs (gpu0, gpu1, ...) layers are spread over, in order
     tensor_split: tuple[float, ...] = ()  # share of the offloaded layers per device, when several
     from_disk: bool = False  # weights do not fit in RAM: they are paged in through mmap
+    experts_last: bool = False  # n_cpu_moe counts the last layers, not the first
 
     def describe(self, n_layer: int) -> str:
         """A short label for people: 'GPU, experts of 12 layers in RAM'."""
-        if not self.devices or self.n_gpu_layers == 0:
+        if not self.devices or (self.n_gpu_layers == 0 and not self.tensor_overrides):
             return "CPU only" + (", from disk" if self.from_disk else "")
         n_gpu = sum(not d.startswith("rpc") for d in self.devices)
         n_rpc = len(self.devices) - n_gpu
@@ -45,6 +48,12 @@ class Placement:
                  ("worker" if n_rpc == 1 else f"{n_rpc} workers") if n_rpc else ""]
         where = " + ".join(p for p in parts if p)
         every = self.n_gpu_layers >= n_layer + 1
+        if self.tensor_overrides and not self.n_cpu_moe:  # -ot as given
+            n = len(self.tensor_overrides)
+            base = f"all on {where}" if every else f"{self.repeating_on_gpu(n_layer)}/{n_layer} layers on {where}"
+            return f"{base}, {n} -ot override{'s' if n > 1 else ''}"
+        if self.n_cpu_moe and every and self.experts_last:
+            return f"{where}, experts of the last {self.n_cpu_moe} layers in RAM"
         if self.n_cpu_moe and every:
             return f"{where}, experts of {self.n_cpu_moe} layers in RAM"
         if self.n_cpu_moe:
@@ -124,6 +133,7 @@ class Plan:
                 "devices": list(p.devices),
                 "tensor_split": list(p.tensor_split),
                 "from_disk": p.from_disk,
+                "experts_last": p.experts_last,
             },
             "options": asdict(self.options),
             "memory": {d: m.to_dict() for d, m in self.memory.items()},

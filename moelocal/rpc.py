@@ -23,12 +23,10 @@ import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
+from moelocal import hardware
 from moelocal.errors import MoelocalError, UsageError
-
-if TYPE_CHECKING:
-    from moelocal.hardware import Hardware
+from moelocal.hardware import Hardware, WorkerDevice, WorkerInfo  # defined below rpc: hardware facts
 
 DEFAULT_PORT = 50052
 PROBE_TIMEOUT_S = 5.0
@@ -44,23 +42,6 @@ class WorkerError(MoelocalError):
     """A worker that cannot be reached, is busy, speaks another protocol, or could not start."""
 
     exit_code = 6
-
-
-@dataclass(frozen=True)
-class WorkerDevice:
-    """One device a worker serves, with the memory it reports."""
-
-    free: int
-    total: int
-
-
-@dataclass(frozen=True)
-class WorkerInfo:
-    """What a worker said about itself."""
-
-    endpoint: str  # host:port as given (llama.cpp names buffers after it)
-    devices: tuple[WorkerDevice, ...]
-    version: tuple[int, int, int]
 
 
 # ---- endpoints -------------------------------------------------------------------------------
@@ -170,8 +151,6 @@ def _recv(sock: socket.socket, n: int) -> bytes:
 def with_workers(hw: Hardware, endpoints: Sequence[str], *, mem: Sequence[str] | None = None,
                  net_bw: str | None = None, timeout: float = PROBE_TIMEOUT_S) -> Hardware:
     """``hw`` with the devices of the workers at ``endpoints`` (probed now) added as rpc0, rpc1 ..."""
-    from moelocal import hardware
-
     eps = [normalize_endpoint(e) for e in endpoints]
     if len(set(eps)) != len(eps):
         raise UsageError("the same worker is given twice", "give each --worker once")
@@ -457,9 +436,7 @@ def prepare(host: str = "127.0.0.1", port: int = DEFAULT_PORT, devices: Sequence
     if not chosen:
         raise WorkerError("llama.cpp sees no device to serve", "reinstall llama-cpp-python")
     if threads is None:
-        from moelocal.engine import default_threads
-
-        threads = default_threads()
+        threads = hardware.default_threads()
     served = tuple(ServedDevice(d.name, d.description, d.free, d.total, d.handle) for d in chosen)
     return WorkerSpec(host=addr, port=port, devices=served, threads=threads)
 

@@ -471,3 +471,18 @@ def test_worker_memory_and_network_overrides():
     assert [g.free for g in hw.gpus] == [24 * GiB, 24 * GiB]
     with pytest.raises(UsageError, match="--worker-mem and --net-bw describe workers"):
         build_plan(qwen3moe_summary(), PlacementFlags(net_bw="10Gbit"), ctx=4096, threads=1, hw=base)
+
+
+
+def test_hardware_facts_sit_below_rpc_and_the_engine():
+    """hardware imports neither rpc nor the engine, and rpc does not import the engine: no circle."""
+    code = ("import json, sys\n"
+            "def ours(): return sorted(m for m in sys.modules if m.startswith('moelocal.'))\n"
+            "import moelocal.hardware; a = ours()\n"
+            "import moelocal.rpc; print(json.dumps([a, ours()]))\n")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    after_hardware, after_rpc = json.loads(run.stdout)
+    assert after_hardware == ["moelocal.errors", "moelocal.hardware"]
+    assert "moelocal.engine" not in after_rpc and "moelocal.native" not in after_rpc
+    assert rpc.WorkerInfo is hardware.WorkerInfo and rpc.hardware.default_threads() >= 1

@@ -76,6 +76,8 @@ def _not_a_model(name: str) -> bool:
 def hardware_options(*, vram=None, ram=None, no_gpu=False, gpu_bw=None, cpu_bw=None, workers=None, worker_mem=None,
                      net_bw=None, gpu=None):
     """This machine, with the user's overrides applied and the workers' devices (probed now) added."""
+    from dataclasses import replace
+
     from moelocal import hardware
     from moelocal.errors import UsageError
 
@@ -83,6 +85,10 @@ def hardware_options(*, vram=None, ram=None, no_gpu=False, gpu_bw=None, cpu_bw=N
         raise UsageError("--worker-mem and --net-bw describe workers", "add --worker HOST:PORT")
     hw = hardware.detect()
     hw = hardware.with_overrides(hw, gpu=gpu, vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw)
+    from moelocal import calibration
+
+    if not calibration.applies(hw):  # another machine described: this one's measurements say nothing about it
+        hw = replace(hw, calibration=None)
     if workers:
         from moelocal import rpc
 

@@ -62,6 +62,10 @@ NCpuMoeOpt = Annotated[int | None, typer.Option("--n-cpu-moe", help="Keep the ro
                                                 "in RAM (llama.cpp --n-cpu-moe).", rich_help_panel=_PLACE)]
 NglOpt = Annotated[int | None, typer.Option("--ngl", "-ngl", help="Layers to put on the GPU (llama.cpp -ngl).",
                                             rich_help_panel=_PLACE)]
+OverrideTensorOpt = Annotated[list[str] | None, typer.Option(
+    "--override-tensor", "-ot", help="llama.cpp's tensor overrides, PATTERN=BUFFER_TYPE (regex searched in each "
+    "tensor's name; CPU, CUDA0, RPC0[host:port] ...), comma-separated or repeated; the first matching pattern "
+    "wins, and they come before --n-cpu-moe's. Without --ngl every layer is offloaded.", rich_help_panel=_PLACE)]
 ForceOpt = Annotated[bool, typer.Option("--force", help="Run a placement you forced even if moelocal "
                                         "predicts it does not fit.", rich_help_panel=_PLACE)]
 KvTypeOpt = Annotated[str, typer.Option("--kv-type", help="KV cache type: f16, q8_0 or q4_0 (the quantized "
@@ -95,10 +99,11 @@ class PlacementFlags:
     workers: tuple[str, ...] = ()  # HOST:PORT of RPC workers whose devices join the plan
     worker_mem: tuple[str, ...] = ()
     net_bw: str | None = None
+    overrides: tuple[str, ...] = ()  # -ot values as given (PATTERN=BUFFER_TYPE,...)
 
     @property
     def forced(self) -> bool:
-        return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None
+        return self.cpu_moe or self.n_cpu_moe is not None or self.ngl is not None or bool(self.overrides)
 
 
 def sampling(*, temp: float | None, top_p: float | None, seed: int | None, max_tokens: int, ignore_eos: bool = False,
@@ -203,11 +208,13 @@ def build_plan(summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None,
             warn(f"--ngl {flags.ngl}: there is no GPU here, so every layer runs on the CPU")
         if flags.cpu_moe or flags.n_cpu_moe:
             note("No GPU here: the experts are in RAM with everything else.")
-    from moelocal import oracle
+        if flags.overrides:
+            note("No GPU here: -ot changes nothing, every tensor is in RAM.")
+    from moelocal import layout, oracle
 
     plan = planner.plan_model(summary, hw, options, n_gpu_layers=flags.ngl, n_cpu_moe=flags.n_cpu_moe,
-                              cpu_moe=flags.cpu_moe, ctx_requested=ctx is not None,
-                              oracle=oracle.for_summary(summary))
+                              cpu_moe=flags.cpu_moe, overrides=layout.parse_tensor_overrides(flags.overrides, hw),
+                              ctx_requested=ctx is not None, oracle=oracle.for_summary(summary))
     if not plan.fits:
         short = ", ".join(f"{_output.human_bytes(n)} more {'RAM' if d == 'cpu' else 'memory on ' + d.upper()}"
                           for d, n in plan.shortfall().items())
@@ -233,9 +240,11 @@ def open_engine(model: str | None, flags: PlacementFlags, *, ctx: int | None, th
 def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx: int | None, threads: int | None,
                 n_seq: int = 1, hw=None) -> Engine:
     """Plan a resolved model and load it (see open_engine)."""
-    from moelocal import config, native
+    from moelocal import config, hardware, native
     from moelocal.engine import Engine
 
+    detected = hw if hw is not None else hardware.detect()
+    hw = runnable_hardware(detected)
     plan = build_plan(summary, flags, ctx=ctx, threads=threads, n_seq=n_seq, hw=hw)
     if config.debug():
         native.set_log_echo(lambda _level, line: sys.stderr.write(line + "\n"))
@@ -245,7 +254,86 @@ def load_engine(path: Path, summary: ModelSummary, flags: PlacementFlags, *, ctx
         where = "RAM" if d.device == "cpu" else d.device.upper()
         warn(f"llama.cpp allocated {_output.human_bytes(d.measured)} of {where} where the plan expected "
                      f"{_output.human_bytes(d.planned)}; `moelocal fit` may misjudge this model")
+    _record_speeds(engine, summary, plan, detected)  # recorded under the machine as detected
     return engine
+
+
+GPU_BACKENDS = ("CUDA", "ROCm", "Metal", "Vulkan", "SYCL", "MUSA", "CANN")
+
+
+def llama_gpu_facts() -> tuple[int, tuple[str, ...], str]:
+    """What llama.cpp makes of this machine's GPUs: how many it registered, the GPU backends it was
+    built with, and the line its log gave when a backend found none (the boundary tests fake)."""
+    from moelocal import native
+
+    native.install_log()
+    with native.capture_log() as lines:
+        n = len(native.gpu_devices())
+        reg = native._fn("ggml_backend_reg_by_name")
+        built = tuple(b for b in GPU_BACKENDS if reg(b.encode()))
+    said = [text.strip() for _, text in lines if "CUDA" in text or "no devices" in text.lower()]
+    return n, built, said[-1].split(": ", 1)[-1] if said else ""
+
+
+def runnable_hardware(hw):
+    """``hw`` with only the GPUs this llama.cpp can use (hardware.usable_by_llama), saying why in one
+    line: a warning when GPUs were found but cannot be used, a note when a GPU build finds none."""
+    from moelocal import hardware
+
+    had = sum(not g.remote for g in hw.gpus)
+    n, built, why = llama_gpu_facts()
+    hw, message = hardware.usable_by_llama(hw, n, built, why)
+    if message:
+        (warn if had else note)(message)
+    return hw
+
+
+def _record_speeds(engine: Engine, summary: ModelSummary, plan: Plan, hw) -> None:
+    """Let the engine's finished requests add their speeds to this machine's calibration
+    (calibration.Recorder), unless MOELOCAL_NO_CALIBRATE is set, the user described another machine,
+    the plan uses workers, or the threads are not llama.cpp's default (the factors assume it)."""
+    from moelocal import calibration, hardware
+
+    p, o = plan.placement, plan.options
+    if (not calibration.recording() or not calibration.applies(hw) or any(d.startswith("rpc") for d in p.devices)
+            or (o.n_threads and o.n_threads != hardware.default_threads()) or p.from_disk):
+        return
+    command = next((a for a in sys.argv[1:3] if a in ("chat", "generate", "batch", "serve")), "run")
+    observe(engine, calibration.Recorder(summary, p, o, hw, command))
+
+
+def observe(engine: Engine, sink) -> None:
+    """Hand the last chunk of every request ``engine`` runs to ``sink`` (one stream at a time only:
+    side-by-side sequences do not decode at one stream's speed)."""
+    generate, many = engine.generate, engine.generate_many
+
+    def watched(chunks):
+        for c in chunks:
+            yield c
+            if c.done and c.finish_reason != "error":
+                try:
+                    sink(c)
+                except Exception:  # measuring must never break a run
+                    pass
+
+    def generate_watched(*args, **kwargs):
+        return watched(generate(*args, **kwargs))  # generate checks its arguments now, not when iterated
+
+    def many_watched(requests, parallel=None):
+        chunks = many(requests, parallel)
+        return watched(chunks) if min(parallel or engine.n_seq_max, engine.n_seq_max) == 1 else chunks
+
+    engine.generate = generate_watched  # type: ignore[method-assign]
+    engine.generate_many = many_watched  # type: ignore[method-assign]
+
+
+def speed_line(engine: Engine, measured_tps: float) -> str:
+    """'speed: predicted 41.0 tok/s (from rated bandwidths), measured 38.2 (0.93x)' for /stats."""
+    pred = engine.plan.predicted
+    line = f"speed: predicted {pred.decode_tps:.1f} tok/s" + (f" ({pred.basis})" if pred.basis else "")
+    if measured_tps > 0 and pred.decode_tps > 0:
+        line += f", measured {measured_tps:.1f} ({measured_tps / pred.decode_tps:.2f}x)"
+    return line
 
 
 def _load_with_bar(engine_cls, path: Path, plan: Plan, label: str, workers: tuple[str, ...] = ()) -> Engine:

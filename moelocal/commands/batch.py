@@ -25,6 +25,7 @@ from moelocal.commands._run import (
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
+    OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
     PresencePenaltyOpt,
@@ -93,6 +94,7 @@ def batch(
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
     ngl: NglOpt = None,
+    override_tensor: OverrideTensorOpt = None,
     force: ForceOpt = False,
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = True,
@@ -153,7 +155,8 @@ def batch(
     n_seq = max(1, min(parallel, len(runnable)))
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
-                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
+                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw,
+                           overrides=tuple(override_tensor or ()))
     sink = _open_output(output)
     try:
         for j in todo:

@@ -26,6 +26,7 @@ from moelocal.commands._run import (
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
+    OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
     PresencePenaltyOpt,
@@ -46,6 +47,7 @@ from moelocal.commands._run import (
     sampling,
     sampling_line,
     show_template_notes,
+    speed_line,
     status_line,
     template_args,
     warn,
@@ -82,6 +84,7 @@ def chat(
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
     ngl: NglOpt = None,
+    override_tensor: OverrideTensorOpt = None,
     force: ForceOpt = False,
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = True,
@@ -115,7 +118,8 @@ def chat(
                      presence_penalty=presence_penalty, frequency_penalty=frequency_penalty)
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
-                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
+                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw,
+                           overrides=tuple(override_tensor or ()))
     engine, summary = open_engine(model, flags, ctx=ctx, threads=threads)
     with engine:
         session = Session(engine, summary, params, system)
@@ -303,6 +307,7 @@ class Session:
         speed = (self.completion_tokens - self.turns) / self.generation_seconds if self.generation_seconds else 0.0
         lines.append(f"turns: {self.turns}, prompt tokens processed: {self.prompt_tokens}, "
                      f"tokens generated: {self.completion_tokens}, average {speed:.1f} tok/s")
+        lines.append(speed_line(e, speed))  # fit's prediction beside what this chat measured
         if self.last is not None:
             lines.append("last answer: " + status_line(e, s, self.last))
         _output.err.print("\n".join(lines), markup=False, highlight=False)

@@ -12,7 +12,15 @@ from rich.table import Table
 
 from moelocal import _output
 from moelocal.commands._common import JsonOpt, hardware_options, load_summaries
-from moelocal.commands._run import NetBwOpt, WorkerMemOpt, WorkerOpt
+from moelocal.commands._run import (
+    CpuMoeOpt,
+    NCpuMoeOpt,
+    NetBwOpt,
+    NglOpt,
+    OverrideTensorOpt,
+    WorkerMemOpt,
+    WorkerOpt,
+)
 from moelocal.errors import UsageError
 from moelocal.plan import CPU, RunOptions
 
@@ -49,6 +57,10 @@ def fit(
     worker: WorkerOpt = None,
     worker_mem: WorkerMemOpt = None,
     net_bw: NetBwOpt = None,
+    cpu_moe: CpuMoeOpt = False,
+    n_cpu_moe: NCpuMoeOpt = None,
+    ngl: NglOpt = None,
+    override_tensor: OverrideTensorOpt = None,
     json: JsonOpt = False,
 ) -> None:
     """Plan a model for this machine (or one you describe) before you download or run it.
@@ -56,6 +68,10 @@ def fit(
     Prices every placement llama.cpp can do (all on the GPU, the experts of the first N layers in
     RAM, fewer GPU layers, CPU only, from disk) against the memory of each device, predicts
     tokens/s for each, and recommends the fastest that fits. Prints the llama.cpp flags for it.
+
+    With the run commands' placement flags (--n-cpu-moe N, --cpu-moe, --ngl N, -ot PATTERN=DEVICE)
+    it also prices exactly that placement, as llama.cpp would make it, and shows it beside the
+    recommendation (marked "asked"; in --json, "asked": true).
 
     With --worker HOST:PORT, the devices of a `moelocal worker` on another machine join the plan
     (as rpc0, rpc1 ...) with the memory they report; layers handed over to them cost a network
@@ -78,10 +94,12 @@ def fit(
       moelocal fit ./quants/ --vram 12GiB,12GiB --json
 
       moelocal fit model.gguf --worker 192.168.1.20:50052 --net-bw 10Gbit
+
+      moelocal fit model.gguf --vram 24GiB -ot 'blk\\.(4[0-7])\\.ffn_.*_exps=CPU'
     """
     from dataclasses import replace
 
-    from moelocal import oracle, planner
+    from moelocal import layout, oracle, planner
 
     if kv_type not in ("f16", "q8_0", "q4_0", "f32", "bf16"):
         raise UsageError(f"unknown --kv-type {kv_type!r}", "use f16, q8_0 or q4_0")
@@ -90,6 +108,10 @@ def fit(
     hw = hardware_options(gpu=gpu, vram=vram, ram=ram, no_gpu=no_gpu, gpu_bw=gpu_bw, cpu_bw=cpu_bw, workers=worker,
                           worker_mem=worker_mem, net_bw=net_bw)
     summaries = load_summaries(model)
+    if ngl is not None and ngl < 0:
+        raise UsageError(f"--ngl must be 0 or more, got {ngl}")
+    overrides = layout.parse_tensor_overrides(override_tensor or (), hw)
+    asking = cpu_moe or n_cpu_moe is not None or ngl is not None or bool(overrides)
     jobs = [(s, RunOptions(n_ctx=ctx if ctx is not None else planner.default_ctx(s), n_ubatch=ubatch,
                            n_batch=max(ubatch, 2048), kv_type=kv_type, flash_attn=flash_attn)) for s in summaries]
     # llama.cpp's dry run of every model first (one child process, cached): what it cannot load is
@@ -99,7 +121,9 @@ def fit(
     for s, options in jobs:
         ask = oracle.for_summary(s)
         ref = ask(options)
-        result = planner.fit(s, hw, options, ctx_requested=ctx is not None, oracle=ask)
+        asked = planner.forced_placement(s, hw, n_gpu_layers=ngl, n_cpu_moe=n_cpu_moe, cpu_moe=cpu_moe,
+                                         overrides=overrides) if asking else None
+        result = planner.fit(s, hw, options, ctx_requested=ctx is not None, oracle=ask, asked=asked)
         used = result.best.options if result.best is not None else options
         results.append(replace(result, memory_source=oracle.describe(s, used, ask(used) if used != options else ref)))
     chosen = planner.rank_quants(summaries, results) if len(results) > 1 else (0 if results[0].best else None)
@@ -158,7 +182,8 @@ def render(result) -> None:
                 over = m.total > p.budget.get(d, 0)
                 cells.append(f"[red]{hb(m.total)}[/red]" if over else hb(m.total))
         verdict = "fits" if p.fits else ("from disk" if p.placement.from_disk else "too big")
-        table.add_row("→" if i == result.recommended else "", p.placement.describe(s.n_layer), *cells,
+        mark = ("→" if i == result.recommended else "") + ("asked" if i == result.asked else "")
+        table.add_row(mark, p.placement.describe(s.n_layer), *cells,
                       f"{p.predicted.decode_tps:.1f}", f"{p.predicted.prefill_tps:.0f}", verdict)
     out.print(table)
     budget = result.plans[0].budget if result.plans else {}
@@ -182,6 +207,29 @@ def render(result) -> None:
         out.print(f"llama.cpp: llama-server {_model_flag(s)} "
                   + " ".join(shlex.quote(f) for f in llama_cpp_flags(best, hw)))
         render_explanation(result)
+    if result.asked is not None:
+        render_asked(result)
+
+
+def render_asked(result) -> None:
+    """The placement the flags asked for: its memory, its speed against the recommendation, its flags."""
+    from moelocal.planner import llama_cpp_flags
+
+    hb = _output.human_bytes
+    s, hw, out = result.summary, result.hardware, _output.out
+    p = result.plans[result.asked]
+    mem = ", ".join(f"{'RAM' if d == CPU else d.upper()} {hb(m.total)}" for d, m in p.memory.items() if m.total)
+    line = (f"[bold]asked for:[/bold] {p.placement.describe(s.n_layer)}: {mem}; "
+            f"{p.predicted.decode_tps:.1f} tok/s decode, {p.predicted.prefill_tps:.0f} prompt")
+    best = result.best
+    if best is not None and best is not p and best.predicted.decode_tps > 0:
+        line += f" ({p.predicted.decode_tps / best.predicted.decode_tps:.2f}x the recommendation)"
+    out.print(line)
+    if not p.fits:
+        short = ", ".join(f"{hb(n)} more {'RAM' if d == CPU else 'memory on ' + d.upper()}"
+                          for d, n in p.shortfall().items())
+        out.print(f"  does not fit: needs {short or 'more memory'}")
+    out.print(f"  llama.cpp: llama-server {_model_flag(s)} " + " ".join(shlex.quote(f) for f in llama_cpp_flags(p, hw)))
 
 
 def _with_explanation(result) -> dict:

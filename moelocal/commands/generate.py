@@ -24,6 +24,7 @@ from moelocal.commands._run import (
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
+    OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
     PresencePenaltyOpt,
@@ -82,6 +83,7 @@ def generate(
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
     ngl: NglOpt = None,
+    override_tensor: OverrideTensorOpt = None,
     force: ForceOpt = False,
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = True,
@@ -127,7 +129,8 @@ def generate(
         params = replace(params, grammar=schema_grammar(read_schema(json_schema)))
     flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force, kv_type=kv_type,
                            flash_attn=flash_attn,
-                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
+                           workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw,
+                           overrides=tuple(override_tensor or ()))
     engine, summary = open_engine(model, flags, ctx=ctx, threads=threads)
     with engine:
         from moelocal.formats import Parser

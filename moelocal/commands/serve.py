@@ -24,6 +24,7 @@ from moelocal.commands._run import (
     NCpuMoeOpt,
     NetBwOpt,
     NglOpt,
+    OverrideTensorOpt,
     PlacementFlags,
     PlanOpt,
     PresencePenaltyOpt,
@@ -78,6 +79,7 @@ def serve(
     cpu_moe: CpuMoeOpt = False,
     n_cpu_moe: NCpuMoeOpt = None,
     ngl: NglOpt = None,
+    override_tensor: OverrideTensorOpt = None,
     force: ForceOpt = False,
     kv_type: KvTypeOpt = "f16",
     flash_attn: FlashAttnOpt = True,
@@ -130,7 +132,8 @@ def serve(
             warn(warning)
         flags = PlacementFlags(plan=plan, cpu_moe=cpu_moe, n_cpu_moe=n_cpu_moe, ngl=ngl, force=force,
                                kv_type=kv_type, flash_attn=flash_attn,
-                               workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw)
+                               workers=tuple(worker or ()), worker_mem=tuple(worker_mem or ()), net_bw=net_bw,
+                               overrides=tuple(override_tensor or ()))
         engine = load_engine(path, summary, flags, ctx=ctx, threads=threads, n_seq=parallel)
         app = create_app(engine, model_id, api_key, parallel=parallel, defaults=defaults,
                          cors_origins=tuple(cors_origin or ()))
