@@ -12,6 +12,12 @@ starts, or stops it at its next token. Errors are OpenAI's shape,
 Prompts are rendered and tokenized on the event loop (llama.cpp's tokenizer only reads the
 vocabulary, as llama-server's HTTP threads do too), so a prompt that cannot fit is refused at once
 with a 400, without waiting for the queue. Nothing here prints: uvicorn logs requests.
+
+Chat requests go through the model's template with moelocal.formats (OpenAI ``tools``, assistant
+``tool_calls``, ``role: "tool"`` results, ``reasoning_effort``), and answers come back taken apart
+by the format's parser, as llama-server sends them: ``reasoning_content`` beside ``content``, and
+``tool_calls`` with ``finish_reason: "tool_calls"`` (streamed as deltas of the same names).
+``response_format`` constrains decoding with a grammar (moelocal.grammar).
 """
 
 from __future__ import annotations

@@ -93,7 +93,8 @@ def serve(
     The sampling flags set the defaults for requests that do not give their own (temperature, top_p,
     top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed); unset, the model's
     recommendation applies. response_format {"type": "json_object"} or {"type": "json_schema", ...}
-    constrains an answer to JSON.
+    constrains an answer to JSON. Chat answers come as llama-server sends them: a thinking model's
+    reasoning in message.reasoning_content, tool calls (OpenAI tools in) in message.tool_calls.
     Needs the server extras: pip install 'moelocal\[serve]'.
 
     Examples:
