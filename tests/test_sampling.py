@@ -236,3 +236,10 @@ def test_batch_records_may_each_ask_for_a_response_format(tmp_path):
     assert records["schema"]["finish_reason"] == records["object"]["finish_reason"] == "stop"
     with pytest.raises(json.JSONDecodeError):  # no grammar on this one: the demo model writes prose
         json.loads(records["text"]["content"])
+
+
+def test_sampling_flags_out_of_range_are_one_error_line():
+    r = subprocess.run([sys.executable, "-m", "moelocal", "generate", "-p", "Hi", "--repeat-penalty", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) != (0, "") and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[0] == "Error: repeat_penalty must be above 0 (1 is off), got 0.0"
