@@ -220,3 +220,51 @@ def test_earlier_turns_keep_the_kv_cache_prefix_when_the_template_drops_old_reas
             messages.append(msg.to_openai())
             assert chunks[-1].cached_tokens >= (len(engine.prompt_tokens(previous[: -len("<think>\n")])) if n else 0)
             previous, thought = prompt, msg.reasoning
+
+
+THOUGHT = r"thought for \d+\.\d s · (\d+) tokens"
+
+
+@needs_tmux
+@pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
+def test_chat_with_a_scripted_thinking_model(scripted_models, terminal, tmp_path, family):
+    """A scripted Qwen3 (<think>) and gpt-oss (harmony) say exactly what the real ones would: the thinking is
+    shown apart, folded to one line, and the answer alone is what the conversation keeps."""
+    extra = "--reasoning-effort high" if family == "gpt-oss" else ""
+    cmd = (f"{shlex.quote(sys.executable)} -m moelocal chat {shlex.quote(str(scripted_models[family]))} --temp 0 "
+           f"--threads 1 --ctx 2048 {extra}")
+    t = terminal(cmd)
+    t.wait(lambda s: "Chatting with moelocal scripted" in s and s.rstrip().endswith(">"), "the prompt")
+    t.type("Hi there!")
+    screen = t.wait(lambda s: " tok/s" in s and s.rstrip().endswith(">"), "the answer")
+    after = _after(screen, "> Hi there!")
+    m = re.fullmatch(THOUGHT, after[0].strip())
+    assert m, after
+    total = int(after[2].split(" tokens · ")[0])
+    assert 10 < int(m.group(1)) < total
+    assert after[1] == "Hello! How can I help you today?"  # the answer alone, no markup, no thinking
+    assert "The user greets me" not in screen  # the dimmed thinking was replaced by its line
+
+    t.type("/think hide")
+    t.type("/think on")
+    if family == "qwen3":
+        t.wait(lambda s: "Thinking on from the next answer." in s, "/think on")
+    else:
+        t.wait(lambda s: "has no switch for thinking" in s, "/think on refused")
+    t.type("Hi there!")
+    screen = t.wait(lambda s: s.count(" tokens · ") == 2 and s.rstrip().endswith(">"), "the second answer")
+    after = _after(screen, "> Hi there!")
+    assert re.fullmatch(THOUGHT, after[0].strip()) and after[1] == "Hello! How can I help you today?"
+
+    t.type("/stats")
+    state = "format: <think> reasoning + hermes tool calls" if family == "qwen3" else "format: harmony"
+    t.wait(lambda s: state in s and ("reasoning effort: high" in s or family == "qwen3"), "/stats")
+    saved = tmp_path / "chat.json"
+    t.type(f"/save {saved}")
+    t.wait(lambda s: "Saved 4 messages" in s, "/save")
+    answers = json.loads(saved.read_text())["messages"][1::2]
+    assert answers == [{"role": "assistant", "content": "Hello! How can I help you today?",
+                        "reasoning_content": "The user greets me. I will greet them back."}] * 2
+    t.keys("C-d")
+    screen = t.wait(lambda s: "EXITED" in s, "Ctrl-D to leave")
+    assert "EXITED 0" in screen and "Traceback" not in screen

@@ -118,6 +118,47 @@ def test_a_json_schema_answer_of_a_thinking_model_is_the_content(thinking_model,
     assert rec["reasoning"] == "" and isinstance(json.loads(rec["content"])["a"], int)
 
 
+HELLO = "Hello! How can I help you today?"
+GREETED = "The user greets me. I will greet them back."
+WEATHER_TOOLS = [{"type": "function", "function": {
+    "name": "get_weather", "description": "The weather in a city now.",
+    "parameters": {"type": "object", "properties": {"city": {"type": "string"}}, "required": ["city"]}}}]
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
+def test_generate_a_scripted_thinking_model(scripted_models, family):
+    args = ("generate", str(scripted_models[family]), "-p", "Hi there!", "--temp", "0", "--threads", "1",
+            "--ctx", "2048")
+    plain = moelocal(*args)
+    assert (plain.returncode, plain.stdout, plain.stderr) == (0, HELLO + "\n", "")
+    shown = moelocal(*args, "--show-reasoning")
+    assert (shown.stdout, shown.stderr) == (HELLO + "\n", GREETED + "\n")
+    rec = json.loads(moelocal(*args, "--json").stdout)
+    assert (rec["content"], rec["reasoning"], rec["finish_reason"]) == (HELLO, GREETED, "stop")
+    assert rec["text"].endswith(HELLO) and GREETED in rec["text"] and rec["text"] != HELLO
+
+
+@pytest.mark.parametrize("family", ["qwen3", "gpt-oss"])
+def test_batch_a_scripted_model_calls_the_tool_then_answers(scripted_models, family):
+    ask = [{"role": "user", "content": "What is the weather in Paris?"}]
+    first = moelocal("batch", str(scripted_models[family]), "--temp", "0", "--threads", "1", "--ctx", "2048",
+                     input=json.dumps({"id": 1, "messages": ask, "tools": WEATHER_TOOLS}) + "\n")
+    rec = json.loads(first.stdout)
+    assert rec["finish_reason"] == "tool_calls" and rec["content"] == ""
+    assert rec["reasoning"] == "The user wants the weather in Paris. I should call get_weather."
+    [call] = rec["tool_calls"]
+    assert call["type"] == "function" and call["id"].startswith("call_")
+    assert (call["function"]["name"], json.loads(call["function"]["arguments"])) == ("get_weather", {"city": "Paris"})
+    # the call and its result go back in, through the template, and the model answers
+    history = ask + [{"role": "assistant", "content": None, "tool_calls": [call]},
+                     {"role": "tool", "tool_call_id": call["id"], "content": '{"sky": "sunny", "celsius": 18}'}]
+    second = moelocal("batch", str(scripted_models[family]), "--temp", "0", "--threads", "1", "--ctx", "2048",
+                      input=json.dumps({"id": 2, "messages": history, "tools": WEATHER_TOOLS}) + "\n")
+    rec = json.loads(second.stdout)
+    assert (rec["content"], rec["reasoning"], rec["tool_calls"], rec["finish_reason"]) == (
+        "It is sunny in Paris, 18 degrees.", "The tool says it is sunny and warm.", [], "stop")
+
+
 def test_batch_records_carry_content_reasoning_and_tool_calls(thinking_model):
     tools = [{"type": "function", "function": {"name": "get_weather", "parameters": {
         "type": "object", "properties": {"city": {"type": "string"}}}}}]

@@ -6,7 +6,6 @@ import json
 import math
 import shutil
 import sys
-import time
 import unicodedata
 from pathlib import Path
 
@@ -335,9 +334,6 @@ class _Answer:
         self.show_text = show
         self.thinking = False  # between the first reasoning delta and the end of reasoning
         self.written = ""  # what is on the screen of the thinking, to count its rows
-        self.t0 = 0.0
-        self.n0 = 0
-        self.wrote_answer = False
 
     def show(self, deltas, chunk) -> None:
         for d in deltas:
@@ -347,7 +343,6 @@ class _Answer:
             self._fold(chunk)
             text = d.text if d.kind == "content" else f"[tool call {d.call.name} {d.call.arguments}]\n"
             self.out.write(for_terminal(text) if self.tty else text)
-            self.wrote_answer = True
         self.out.flush()
 
     def close(self, chunk) -> None:
@@ -358,8 +353,6 @@ class _Answer:
     def _think(self, text: str, chunk) -> None:
         if not self.thinking:
             self.thinking = True
-            self.t0 = time.perf_counter()
-            self.n0 = chunk.completion_tokens - 1 if chunk is not None else 0
             if self.tty and not self.show_text:
                 self._write_dim("thinking…")
         if self.tty and self.show_text:
@@ -373,8 +366,9 @@ class _Answer:
         if not self.thinking:
             return
         self.thinking = False
-        seconds = time.perf_counter() - self.t0
-        n = (chunk.completion_tokens if chunk is not None else 0) - self.n0 - (0 if ended else 1)
+        # every format thinks first: the thinking is the answer's tokens before the one that ended it
+        n = (chunk.completion_tokens - (0 if ended else 1)) if chunk is not None else 0
+        seconds = chunk.generation_seconds if chunk is not None else 0.0
         line = f"thought for {seconds:.1f} s · {max(n, 0)} tokens"
         if not self.tty:
             note(line)
