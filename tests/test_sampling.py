@@ -243,3 +243,12 @@ def test_sampling_flags_out_of_range_are_one_error_line():
                        capture_output=True, text=True, timeout=60)
     assert (r.returncode, r.stdout) != (0, "") and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[0] == "Error: repeat_penalty must be above 0 (1 is off), got 0.0"
+
+
+def test_a_grammar_of_tool_calls_for_hermes_style_models_only():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer"}}, "required": ["x"]}}}]
+    rules = grammar.tool_call_grammar("hermes", tools).splitlines()
+    assert rules[:2] == ['root ::= one ("\\n" one)*', 'one ::= "<tool_call>\\n" call "\\n</tool_call>"']
+    assert 'call ::= "{" space name-kv "," space arguments-kv "}" space' in rules  # name first, as Qwen3 writes
+    assert grammar.tool_call_grammar("harmony", tools) is None and grammar.tool_call_grammar(None, tools) is None
