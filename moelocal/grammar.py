@@ -9,7 +9,7 @@ llama.cpp's grammar sampler first in the chain. Pure functions; nothing here loa
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -25,7 +25,7 @@ def schema_grammar(schema: Any) -> str:
         schema = {} if schema else None
     if not isinstance(schema, dict):
         raise UsageError(f"a JSON schema must be an object, not {type(schema).__name__}")
-    return _convert(json.dumps(schema, sort_keys=True))
+    return _convert(json.dumps(schema))  # (not sorted: the order of properties is the order written)
 
 
 @lru_cache(maxsize=64)
@@ -79,6 +79,28 @@ def response_format_grammar(response_format: Any) -> str | None:
     raise UsageError(f"'response_format.type' must be text, json_object or json_schema; got {kind!r}")
 
 
+# Tool-call syntaxes a grammar can force (moelocal.formats' ChatFormat.tools): how one call is written.
+_CALL_SYNTAX = {"hermes": ('"<tool_call>\\n" call "\\n</tool_call>"', '"\\n"')}
+
+
+def tool_call_grammar(syntax: str | None, tools: Sequence[Mapping[str, Any]]) -> str | None:
+    """A grammar that makes the answer one or more calls of ``tools`` (OpenAI function tools), each
+    ``{"name": ..., "arguments": ...}`` with arguments valid for its parameters, in the model's
+    tool-call ``syntax``; None where moelocal knows no grammar for that syntax (the answer is then
+    left free). For ``tool_choice: "required"`` or a named function."""
+    if syntax not in _CALL_SYNTAX or not tools:
+        return None
+    one_of = [{"type": "object", "properties": {"name": {"const": t["function"]["name"]},
+                                                "arguments": t["function"].get("parameters") or {"type": "object"}},
+               "required": ["name", "arguments"]} for t in tools]
+    rules = schema_grammar(one_of[0] if len(one_of) == 1 else {"anyOf": one_of})
+    call, sep = _CALL_SYNTAX[syntax]
+    # the schema's root becomes one call's JSON; the new root repeats the call in the model's markup
+    body = "\n".join("call ::=" + line[len("root ::="):] if line.startswith("root ::=") else line
+                      for line in rules.split("\n"))
+    return f"root ::= one ({sep} one)*\none ::= {call}\n{body}"
+
+
 def read_schema(path: str | Path) -> Any:
     """A JSON schema from a file, or a UsageError that says why it cannot be read."""
     path = Path(path)
@@ -94,4 +116,4 @@ def read_schema(path: str | Path) -> Any:
         raise UsageError(f"{path} is not JSON: {exc.msg} (line {exc.lineno}, column {exc.colno})") from None
 
 
-__all__ = ["json_object_grammar", "read_schema", "response_format_grammar", "schema_grammar"]
+__all__ = ["json_object_grammar", "read_schema", "response_format_grammar", "schema_grammar", "tool_call_grammar"]

@@ -555,3 +555,21 @@ def script_ids(family: str | Family, models_dir: str | Path) -> dict[str, list[i
 
 __all__ = ["FAMILIES", "HARMONY", "QWEN3", "Family", "Script", "design", "script_ids", "script_text",
            "write_scripted"]
+
+
+def main(argv: list[str] | None = None) -> None:
+    """``python -m moelocal.scripted DIR``: write both scripted models into DIR (to try chat or serve by hand)."""
+    import argparse
+    import sys
+
+    ap = argparse.ArgumentParser(prog="python -m moelocal.scripted", description=main.__doc__)
+    ap.add_argument("directory", type=Path)
+    ap.add_argument("--models", type=Path, default=Path(sys.prefix) / "share" / "llama.cpp" / "models",
+                    help="the vendored llama.cpp's models/ (default: where scripts/install.sh --dev puts it)")
+    args = ap.parse_args(argv)
+    for name in FAMILIES:
+        print(write_scripted(name, args.models, args.directory / f"scripted-{name}.gguf"))
+
+
+if __name__ == "__main__":
+    main()

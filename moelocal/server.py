@@ -12,6 +12,12 @@ starts, or stops it at its next token. Errors are OpenAI's shape,
 Prompts are rendered and tokenized on the event loop (llama.cpp's tokenizer only reads the
 vocabulary, as llama-server's HTTP threads do too), so a prompt that cannot fit is refused at once
 with a 400, without waiting for the queue. Nothing here prints: uvicorn logs requests.
+
+Chat requests go through the model's template with moelocal.formats (OpenAI ``tools``, assistant
+``tool_calls``, ``role: "tool"`` results, ``reasoning_effort``), and answers come back taken apart
+by the format's parser, as llama-server sends them: ``reasoning_content`` beside ``content``, and
+``tool_calls`` with ``finish_reason: "tool_calls"`` (streamed as deltas of the same names).
+``response_format`` constrains decoding with a grammar (moelocal.grammar).
 """
 
 from __future__ import annotations
@@ -398,6 +404,17 @@ def chat_tools(body: Mapping[str, Any]) -> list[dict[str, Any]] | None:
                    "\"function\": {\"name\": ...}}", param="tool_choice")
 
 
+def tool_grammar(fmt: ChatFormat, tools: Sequence[Mapping[str, Any]]) -> str | None:
+    """The grammar that makes the answer calls of ``tools`` in this model's tool-call syntax, or None."""
+    from moelocal.grammar import tool_call_grammar
+
+    try:
+        return tool_call_grammar(fmt.tools, tools)
+    except UsageError as exc:  # a tool's parameters the converter cannot read
+        raise ApiError(400, f"the tools' parameters cannot constrain the answer: {exc.message}",
+                       param="tools") from None
+
+
 EFFORTS = ("low", "medium", "high")
 
 
@@ -693,9 +710,12 @@ def create_app(
         return _model_card(model_id, state["created"])
 
     async def answer(request: Request, body: Mapping[str, Any], render: Callable[[], list[int]], chat: bool,
-                     parser: Callable[[], Parser] | None = None) -> Response:
-        """``parser`` (chat) makes the parser that takes the answer apart, once the prompt is rendered."""
+                     parser: Callable[[], Parser] | None = None, grammar: str | None = None) -> Response:
+        """``parser`` (chat) makes the parser that takes the answer apart, once the prompt is rendered;
+        ``grammar`` constrains the answer where the request's own response_format does not."""
         call = await prepare(body, render)
+        if grammar and not call.params.grammar:
+            call = replace(call, params=replace(call.params, grammar=grammar))
         job = Job(call.tokens, call.params, asyncio.get_running_loop())
         state["worker"].submit(job)
         head = {"id": f"{'chatcmpl' if chat else 'cmpl'}-{uuid.uuid4().hex[:24]}",
@@ -725,7 +745,9 @@ def create_app(
         fmt = eng.chat_format
         rf = body.get("response_format")
         constrained = isinstance(rf, dict) and rf.get("type") in ("json_object", "json_schema")
-        args = template_args(body, fmt, constrained)
+        # tool_choice "required" or a named function: a grammar of calls, in the syntaxes moelocal.grammar knows
+        forced = tool_grammar(fmt, tools) if tools and body.get("tool_choice") not in (None, "auto") else None
+        args = template_args(body, fmt, constrained or forced is not None)
         rendered: dict[str, str] = {}
 
         def render() -> list[int]:
@@ -737,7 +759,7 @@ def create_app(
             prompt = rendered.get("prompt", "")
             return Parser(prompt) if constrained else fmt.parser(prompt, tools)
 
-        return await answer(request, body, render, chat=True, parser=parser)
+        return await answer(request, body, render, chat=True, parser=parser, grammar=forced)
 
     @app.post("/v1/completions")
     async def completions(request: Request) -> Response:

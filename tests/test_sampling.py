@@ -211,3 +211,44 @@ def test_generate_with_a_bad_schema_is_one_error_line(tmp_path):
     lines = r.stderr.strip().splitlines()
     assert lines[0].startswith("Error: the JSON schema cannot be turned into a grammar: Unrecognized schema")
     assert len([line for line in lines if line.startswith("Error")]) == 1 and "Traceback" not in r.stderr
+
+
+def test_batch_records_may_each_ask_for_a_response_format(tmp_path):
+    jsonschema = pytest.importorskip("jsonschema")
+    fmt = {"type": "json_schema", "json_schema": {"name": "person", "schema": PERSON}}
+    lines = [
+        {"id": "schema", "messages": [{"role": "user", "content": "A person as JSON."}], "response_format": fmt},
+        {"id": "object", "messages": [{"role": "user", "content": "A person as JSON."}],  # llama-server's form
+         "response_format": {"type": "json_object", "schema": ASCII_PERSON}},
+        {"id": "text", "prompt": "Once upon a time", "max_tokens": 8},
+        {"id": "bad", "prompt": "x", "response_format": {"type": "json_schema", "json_schema": {"schema": 3}}},
+    ]
+    src = tmp_path / "in.jsonl"
+    src.write_text("".join(json.dumps(x) + "\n" for x in lines))
+    out = tmp_path / "out.jsonl"
+    r = CliRunner().invoke(app, ["batch", str(demo_model_path()), str(src), "-o", str(out), "--temp", "0.9",
+                                 "--seed", "4", "-n", "300", "--threads", "1"])
+    assert r.exit_code == 0, r.output
+    records = {rec["id"]: rec for rec in map(json.loads, out.read_text().splitlines())}
+    assert records["bad"]["error"] == "line 4: a JSON schema must be an object, not int"
+    jsonschema.validate(json.loads(records["schema"]["content"]), PERSON)
+    jsonschema.validate(json.loads(records["object"]["content"]), ASCII_PERSON)
+    assert records["schema"]["finish_reason"] == records["object"]["finish_reason"] == "stop"
+    with pytest.raises(json.JSONDecodeError):  # no grammar on this one: the demo model writes prose
+        json.loads(records["text"]["content"])
+
+
+def test_sampling_flags_out_of_range_are_one_error_line():
+    r = subprocess.run([sys.executable, "-m", "moelocal", "generate", "-p", "Hi", "--repeat-penalty", "0"],
+                       capture_output=True, text=True, timeout=60)
+    assert (r.returncode, r.stdout) != (0, "") and "Traceback" not in r.stderr
+    assert r.stderr.strip().splitlines()[0] == "Error: repeat_penalty must be above 0 (1 is off), got 0.0"
+
+
+def test_a_grammar_of_tool_calls_for_hermes_style_models_only():
+    tools = [{"type": "function", "function": {"name": "f", "parameters": {"type": "object", "properties": {
+        "x": {"type": "integer"}}, "required": ["x"]}}}]
+    rules = grammar.tool_call_grammar("hermes", tools).splitlines()
+    assert rules[:2] == ['root ::= one ("\\n" one)*', 'one ::= "<tool_call>\\n" call "\\n</tool_call>"']
+    assert 'call ::= "{" space name-kv "," space arguments-kv "}" space' in rules  # name first, as Qwen3 writes
+    assert grammar.tool_call_grammar("harmony", tools) is None and grammar.tool_call_grammar(None, tools) is None

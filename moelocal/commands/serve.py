@@ -95,7 +95,8 @@ def serve(
     The sampling flags set the defaults for requests that do not give their own (temperature, top_p,
     top_k, min_p, repeat_penalty, presence_penalty, frequency_penalty, seed); unset, the model's
     recommendation applies. response_format {"type": "json_object"} or {"type": "json_schema", ...}
-    constrains an answer to JSON.
+    constrains an answer to JSON. Chat answers come as llama-server sends them: a thinking model's
+    reasoning in message.reasoning_content, tool calls (OpenAI tools in) in message.tool_calls.
     Needs the server extras: pip install 'moelocal\[serve]'.
 
     Examples:
@@ -122,7 +123,7 @@ def serve(
     # the defaults for requests that do not say; a request's own fields win
     defaults = sampling(temp=temp, top_p=top_p, top_k=top_k, min_p=min_p, repeat_penalty=repeat_penalty,
                         presence_penalty=presence_penalty, frequency_penalty=frequency_penalty, seed=seed,
-                        max_tokens=1)
+                        max_tokens=1)  # unused: a request gives its own, or the room left
     path, summary = resolve_model(model)
     model_id = alias or model_id_for(path)
     sock = listen(host, port)  # before loading: a busy port fails in a second, not after a minute
