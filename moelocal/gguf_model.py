@@ -19,9 +19,32 @@ from pathlib import Path
 from types import MappingProxyType
 from typing import Any
 
-from gguf.constants import GGML_QUANT_SIZES, GGMLQuantizationType
-
 from moelocal.errors import GGUFFormatError, ModelFileError, NeedMoreBytes
+
+
+def _gguf_constants():
+    """The gguf package's table of ggml types, without the package: ``import gguf`` brings numpy and
+    its writers along (~170 ms, a sixth of a warm ``fit``), and its constants module needs neither."""
+    import importlib.util
+    import sys
+
+    if "gguf.constants" in sys.modules:
+        return sys.modules["gguf.constants"]
+    spec = importlib.util.find_spec("gguf")  # locates the package without running its __init__
+    origin = spec.origin if spec is not None else None
+    if origin is None:
+        import gguf.constants
+
+        return gguf.constants
+    path = Path(origin).with_name("constants.py")
+    mod_spec = importlib.util.spec_from_file_location("moelocal._gguf_constants", path)
+    module = importlib.util.module_from_spec(mod_spec)
+    mod_spec.loader.exec_module(module)
+    return module
+
+
+_constants = _gguf_constants()
+GGML_QUANT_SIZES, GGMLQuantizationType = _constants.GGML_QUANT_SIZES, _constants.GGMLQuantizationType
 
 GGUF_MAGIC = b"GGUF"
 DEFAULT_ALIGNMENT = 32
@@ -352,6 +375,21 @@ class _Cursor:
         self.need(n)
         self.pos += n
 
+    def _skip_strings(self, count: int) -> None:
+        """skip_string ``count`` times in one tight loop: a vocabulary is 150k+ strings, and this is
+        most of what reading a header costs. Where the buffer runs out, skip_string says so."""
+        buf, pos, end = self.buf, self.pos, len(self.buf)
+        unpack = struct.Struct("<Q").unpack_from
+        while count and pos + 8 <= end:
+            (n,) = unpack(buf, pos)
+            if n > MAX_STRING or pos + 8 + n > end:
+                break
+            pos += 8 + n
+            count -= 1
+        self.pos = pos
+        for _ in range(count):  # the string the loop stopped at: a corrupt length or the end of the buffer
+            self.skip_string()
+
     def value(self, vtype: int) -> Any:
         if vtype in _SCALARS:
             return self.scalar(*_SCALARS[vtype])
@@ -378,8 +416,7 @@ class _Cursor:
                         f"{self.label} has a corrupt header: an array claims {count} strings"
                     )
                 if count > KEEP_ARRAY:
-                    for _ in range(count):
-                        self.skip_string()
+                    self._skip_strings(count)
                     return ArrayInfo(etype, count)
                 return [self.string() for _ in range(count)]
             if etype == _ARRAY:
