@@ -142,13 +142,37 @@ def max_context(summary: ModelSummary, plan: Plan, hw: Hardware, kv_type: str | 
     if kv_type in ("q8_0", "q4_0"):
         options = replace(options, flash_attn=True)  # llama.cpp quantizes the V cache only with flash attention
 
+    def price(n_ctx: int) -> Plan:
+        return planner.make_plan(summary, plan.placement, replace(options, n_ctx=n_ctx * options.n_seq), hw)
+
     def fits(n_ctx: int) -> bool:
-        return planner.make_plan(summary, plan.placement, replace(options, n_ctx=n_ctx * options.n_seq), hw).fits
+        return price(n_ctx).fits
 
     top = summary.context_length or plan.options.n_ctx
-    if fits(top):
+    at_top = price(top)
+    if at_top.fits:
         return top
     lo, hi = 0, max(1, top // 1024)  # in steps of 1024 tokens: lo fits (0: nothing does), hi does not
+    # Memory grows about linearly with the context (the KV cache exactly): a line through two priced
+    # contexts says where it stops fitting, and two checks around that usually settle it (each check
+    # rebuilds the compute graph, the costly part of a warm `fit`).
+    base_ctx = max(1, plan.options.n_ctx // max(1, options.n_seq))
+    base = plan if options == plan.options else price(base_ctx)
+    if top > base_ctx:
+        crossings = []
+        for dev, m in at_top.memory.items():
+            room = at_top.budget.get(dev, 0)
+            m0 = base.memory.get(dev)
+            grow = (m.total - m0.total) / (top - base_ctx) if m0 is not None else 0.0
+            if m.total > room and grow > 0:
+                crossings.append(top - (m.total - room) / grow)
+        if crossings:
+            guess = min(max(1, int(min(crossings)) // 1024), hi - 1)
+            if guess > lo and fits(guess * 1024):
+                lo = guess
+                hi = guess + 1 if not fits((guess + 1) * 1024) else hi
+            elif guess > lo:
+                hi = guess
     while hi - lo > 1:
         mid = (lo + hi) // 2
         if fits(mid * 1024):
