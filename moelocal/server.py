@@ -120,8 +120,12 @@ class Job:
                 yield batch
 
     async def chunks(self) -> AsyncIterator[Chunk]:
+        """One chunk at a time; nothing more once the job is cancelled (a batch read before the
+        cancel may hold chunks the worker made after the client stopped wanting them)."""
         async for batch in self.batches():
             for chunk in batch:
+                if self.cancelled.is_set():
+                    return
                 yield chunk
 
 
