@@ -31,13 +31,6 @@ RECIPES = Path(__file__).parent / "data" / "arch_recipes.json"
 # fit still plans them only if llama.cpp's dry run of the user's real file succeeds.
 KNOWN_GAPS: dict[str, str] = {
     "dflash": "a speculative-decoding draft head: llama.cpp makes a context for it only beside its target model",
-    "afmoe": "loads, but llama.cpp crashes (SIGSEGV) building the graph of the generated shape",
-    "glm-dsa": "loads, but llama.cpp crashes (SIGSEGV) building the graph of the generated shape",
-    "bailingmoe3": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "kimi-linear": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "kimi-k3": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "hy_v4": "loads, but the generated attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "deepseek4": "loads, but the generated compressed-attention shape fails GGML_ASSERT(b->type == GGML_TYPE_I32)",
 }
 # (n_ctx, n_ubatch, flash_attn, kv_type, n_seq): the corners of the grid; q8_0 V needs flash attention
 SETTINGS = [
