@@ -39,8 +39,8 @@ from pathlib import Path
 from typing import Any
 
 # ggml types used for the tensors
-F32, F16, Q8_0 = 0, 1, 8
-_TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34)}
+F32, F16, Q8_0, I32 = 0, 1, 8, 26
+_TYPE_BLOCK = {F32: (1, 4), F16: (1, 2), Q8_0: (32, 34), I32: (1, 4)}
 ALIGNMENT = 32
 
 # The tiny shape every architecture gets (n_embd 256, 4 heads of 64, 2 KV heads, 4 experts, 2 used)
@@ -76,6 +76,13 @@ _MLA = {"attention.head_count_kv": 1, "attention.q_lora_rank": 128, "attention.k
 _DELTA = {"ssm.state_size": 32, "ssm.group_count": 4, "ssm.time_step_rank": 8, "ssm.inner_size": 256,
           "ssm.conv_kernel": 4, "full_attention_interval": 4, "rope.dimension_count": 16,
           "rope.dimension_sections": [3, 3, 2, 0], "attention.key_length": 64, "attention.value_length": 64}
+# Kimi delta attention hybrids: recurrent KDA layers have no KV heads (head_count_kv 0, as the
+# converters write it), the full-attention ones are MLA with the K-only latent cache of one KV head
+# (K = kv_lora_rank + rope dims, V its first kv_lora_rank); without these every layer would be MLA
+# with a K cache as wide as 2 heads of 64 and the graph's K/Q shapes would not match
+_KDA = {"attention.head_count_kv": [0, 0, 0, 1], "attention.kv_lora_rank": 64, "rope.dimension_count": 32,
+        "attention.key_length": 96, "attention.value_length": 64, "attention.key_length_mla": 96,
+        "attention.value_length_mla": 64, "kda.head_dim": 64}
 ARCH_KEYS: dict[str, dict[str, Any]] = {
     "qwen35moe": _DELTA, "qwen3next": _DELTA, "qwen4exp": {**_DELTA, "hyper_connection.count": 2},
     "deepseek2": _MLA, "mistral4": _MLA, "deepseek32": _MLA, "glm-dsa": _MLA,
@@ -83,7 +90,13 @@ ARCH_KEYS: dict[str, dict[str, Any]] = {
                   "attention.compress_ratios": [0, 4, 128, 0], "hyper_connection.count": 4,
                   "attention.value_length": 96, "attention.value_length_mla": 96},
     "dots3note": _MLA,
-    "bailingmoe3": {"kda.gate_lower_bound": -5.0},
+    "bailingmoe3": {**_KDA, "kda.gate_lower_bound": -5.0},
+    "kimi-linear": _KDA, "kimi-k3": _KDA,
+    # DeepSeek-V2 style MLA (its converter reuses DeepSeek's), sigmoid routing, 4 hyper-connection streams
+    "hy_v4": {**_MLA, "hyper_connection.count": 4, "expert_gating_func": 2},
+    # its converter writes the sliding window; without it the graph still asks for the SWA cache
+    # llama.cpp did not make (a SIGSEGV in build_attn_inp_kv_iswa)
+    "afmoe": {"attention.sliding_window": 128},
     "glm5-next": {**_MLA, "attention.indexer.kpool": 4, "attention.indexer.top_k": 64, "hyper_connection.count": 4,
                   "rope.dimension_count": 0, "attention.key_length": 64, "attention.key_length_mla": 64},
     "nomic-bert-moe": {"tokenizer.ggml.token_type_count": 2},
@@ -91,6 +104,21 @@ ARCH_KEYS: dict[str, dict[str, Any]] = {
     "nemotron_h": {"expert_shared_feed_forward_length": 256},
     "dflash": {"target_layers": [0, 1]},  # a draft model: which of its target's layers it reads
     "nemotron_h_moe": {"expert_shared_feed_forward_length": 256},
+}
+
+# Draft heads for speculative decoding: llama.cpp loads them alone, but makes a context of one only
+# beside its target model's (llama_context_params.ctx_other): learned without the context check
+DRAFT_HEADS: dict[str, str] = {
+    "dflash": "a speculative-decoding draft head: llama.cpp makes a context of it only beside its target model's "
+              "(llama_context_params.ctx_other), so a dry run of it alone fails by design",
+}
+
+# Per-layer tensors the loader treats as optional but the graph uses (a NULL tensor there is a
+# SIGSEGV): seeded with a placeholder shape, which the loader's shape check then corrects.
+# glm-dsa: a GLM 5/5.1 context (< 1M) makes every layer an indexer layer
+ARCH_TENSORS: dict[str, tuple[str, ...]] = {
+    "glm-dsa": ("indexer.k_norm.weight", "indexer.k_norm.bias", "indexer.proj.weight", "indexer.attn_k.weight",
+                "indexer.attn_q_b.weight"),
 }
 
 _KEY_MISSING = re.compile(r"key not found in model: (\S+)")
@@ -287,6 +315,8 @@ def _vocab(recipe: Recipe, n_vocab: int = 512) -> None:
 def _ggml_type(name: str, shape: tuple[int, ...]) -> int:
     """Matrices Q8_0 where their rows allow it (as in a quantized model), F16 otherwise; vectors,
     norms, routers, biases and recurrent parameters F32, as converters keep them."""
+    if "tid2eid" in name:  # hash routing: the experts of each token id, gathered as indices
+        return I32
     base = name.rsplit(".", 1)[-1]
     part = _BLK.match(name).group(2) if _BLK.match(name) else name
     if len(shape) < 2 or base != "weight" or "norm" in part or "gate_inp" in part or part.startswith("ssm_") \
@@ -295,8 +325,8 @@ def _ggml_type(name: str, shape: tuple[int, ...]) -> int:
     return Q8_0 if shape[0] % 32 == 0 else F16
 
 
-def try_load(path: Path) -> str | None:
-    """None when llama.cpp loads ``path`` (no_alloc), else its error ("missing tensor 'x'")."""
+def _load(path: Path) -> tuple[Any, list[tuple[int, str]]]:
+    """A no_alloc load of ``path`` by moelocal's own model params: (llama.cpp's model or NULL, its log)."""
     from moelocal import native
     from moelocal.plan import Placement
 
@@ -308,8 +338,30 @@ def try_load(path: Path) -> str | None:
     mp.load_mode = lc.LLAMA_LOAD_MODE_NONE
     with native.capture_log() as lines:
         model = lc.llama_model_load_from_file(os.fsencode(str(path)), mp)
+    return model, lines
+
+
+def model_size(path: Path) -> int | None:
+    """The bytes of ``path``'s tensors as llama.cpp loads them (``llama_model_size``), None when it cannot:
+    the weights of a model no context can be made of alone (a draft head)."""
+    from moelocal import native
+
+    model, _lines = _load(path)
+    if not model:
+        return None
+    try:
+        return int(native.llama().llama_model_size(model))
+    finally:
+        native.llama().llama_model_free(model)
+
+
+def try_load(path: Path) -> str | None:
+    """None when llama.cpp loads ``path`` (no_alloc), else its error ("missing tensor 'x'")."""
+    from moelocal import native
+
+    model, lines = _load(path)
     if model:
-        lc.llama_model_free(model)
+        native.llama().llama_model_free(model)
         return None
     for _level, line in lines:
         m = re.search(r"error loading model: (.*)", line)
@@ -348,13 +400,19 @@ def learn(arch: str, work: str | os.PathLike[str], *, max_steps: int = 600,
              **ARCH_KEYS.get(arch, {}), **(keys or {})}
     for k, v in start.items():
         recipe.metadata[f"{arch}.{k}" if not k.startswith(("general.", "tokenizer.")) else k] = _typed(k, v)
+    for il in range(int(recipe.metadata[f"{arch}.block_count"][1])):
+        for part in ARCH_TENSORS.get(arch, ()):
+            name = f"blk.{il}.{part}"
+            shape = (N_EMBD,) if "norm" in name or name.endswith(".bias") else (N_EMBD, N_EMBD)
+            recipe.tensors[name] = (shape, _ggml_type(name, shape))
     path = Path(work) / f"{arch}.gguf"
     last = None
     for step in range(1, max_steps + 1):
         write(recipe, path)
         err = try_load(path)
         if err is None:
-            _check_context(recipe, path)
+            if arch not in DRAFT_HEADS:
+                _check_context(recipe, path)
             return recipe, step
         if err == last and not _TENSOR_MISSING.search(err):
             raise LearnError(f"{arch}: stuck at: {err}")

@@ -10,7 +10,9 @@ at the corners of 2k-32k context, ubatch 128-2048, flash attention on and off, f
 1 and 4 sequences, what ``fit`` bills (memory.estimate with llama.cpp's dry run as the oracle) is
 compared with llama.cpp's own no_alloc dry run: KV cache and recurrent state within 1%, the host
 total within 2%, no KV cache at all for diffusion models; where moelocal claims to rebuild the
-graph node for node (memory.compute_is_exact), its own figures must be exact too.
+graph node for node (memory.compute_is_exact), its own figures must be exact too. A speculative-
+decoding draft head (archgen.DRAFT_HEADS) cannot have a context alone: its weights are checked
+against llama.cpp's, and its refusal, instead.
 """
 
 from __future__ import annotations
@@ -29,16 +31,9 @@ from moelocal.testmodels import SPECS, write_header_only
 RECIPES = Path(__file__).parent / "data" / "arch_recipes.json"
 # architectures archgen makes no model of (yet), and why: a new one here must come with its reason.
 # fit still plans them only if llama.cpp's dry run of the user's real file succeeds.
-KNOWN_GAPS: dict[str, str] = {
-    "dflash": "a speculative-decoding draft head: llama.cpp makes a context for it only beside its target model",
-    "afmoe": "loads, but llama.cpp crashes (SIGSEGV) building the graph of the generated shape",
-    "glm-dsa": "loads, but llama.cpp crashes (SIGSEGV) building the graph of the generated shape",
-    "bailingmoe3": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "kimi-linear": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "kimi-k3": "loads, but the generated kimi-delta-attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "hy_v4": "loads, but the generated attention shape fails GGML_ASSERT(ggml_can_mul_mat(k, q))",
-    "deepseek4": "loads, but the generated compressed-attention shape fails GGML_ASSERT(b->type == GGML_TYPE_I32)",
-}
+KNOWN_GAPS: dict[str, str] = {}
+# draft heads load alone but run only beside their target model: checked apart (weights, the refusal)
+DRAFT_HEADS = archgen.DRAFT_HEADS
 # (n_ctx, n_ubatch, flash_attn, kv_type, n_seq): the corners of the grid; q8_0 V needs flash attention
 SETTINGS = [
     (2048, 128, True, "f16", 1),
@@ -118,7 +113,7 @@ def test_fit_bills_what_llama_cpp_allocates_for_every_moe_architecture(arch_mode
     failures, rows = [], []
     worst = (0.0, "", None)
     for arch, path in sorted(arch_models.items()):
-        if not isinstance(path, Path) or arch in KNOWN_GAPS:
+        if not isinstance(path, Path) or arch in KNOWN_GAPS or arch in DRAFT_HEADS:
             continue
         summary = read_summary(path)
         exact = memory.compute_is_exact(summary)
@@ -154,7 +149,33 @@ def test_fit_bills_what_llama_cpp_allocates_for_every_moe_architecture(arch_mode
         if verbose:
             print("\n".join(rows))
     assert not failures, "\n".join(failures)
-    assert len(rows) == len(arch_models) - len(KNOWN_GAPS) >= 55
+    drafts = [a for a in arch_models if a in DRAFT_HEADS]
+    assert len(rows) == len(arch_models) - len(KNOWN_GAPS) - len(drafts) >= 66
+
+
+def test_a_draft_head_is_billed_its_weights_and_refused_a_context_of_its_own(arch_models, dry_runs, capsys):
+    """A speculative-decoding draft head (dflash) loads alone, with the weights moelocal bills, but
+    llama.cpp makes a context of it only beside its target model's: its dry run alone fails, at every
+    setting, and so does `fit`, in one line, with no plan."""
+    drafts = [a for a in arch_models if a in DRAFT_HEADS]
+    assert drafts == ["dflash"]
+    for arch in drafts:
+        path = arch_models[arch]
+        assert isinstance(path, Path), path
+        summary = read_summary(path)
+        o = _options(*SETTINGS[0])
+        assert archgen.model_size(path) == memory.estimate(summary, Placement(), o)[CPU].weights > 0
+        for setting in SETTINGS:
+            answer = dry_runs[(arch, setting)]
+            assert answer["stage"] == "context", answer
+            assert f"{arch} requires ctx_other to be set" in answer["error"]
+        code, out = _fit(capsys, str(path), "--ctx", "4096")
+        lines = out.strip().splitlines()
+        assert code == 2 and len(lines) == 1, out
+        assert lines[0].startswith(f"Error: llama.cpp (llama-cpp-python {oracle.llama_cpp_version()}) cannot run "
+                                   f"{arch}.gguf (architecture {arch}): failed to initialize the context: "
+                                   f"{arch} requires ctx_other to be set"), lines[0]
+        assert "verdict" not in out
 
 
 # ---- what llama.cpp cannot load: one line, exit code 2, no plan --------------------------------
