@@ -175,6 +175,8 @@ def _unloadable_message(summary: ModelSummary, answer: dict) -> str:
 
 
 def _hint(answer: dict) -> str:
+    if "requires ctx_other" in answer.get("error", ""):  # llama.cpp's speculative-decoding draft heads (dflash)
+        return "this is a draft head for speculative decoding: llama.cpp runs it only beside its target model"
     if answer.get("stage") != "load":
         return "check the options (--ctx, --ubatch, --kv-type; a quantized V cache needs flash attention)"
     if "unknown model architecture" in answer["error"]:
