@@ -49,6 +49,15 @@ CPU_SATURATION_BW = 200e9
 # A layer whose attention is on a GPU and experts in RAM: the CPU runs the expert ops (their thread
 # barriers, waking the threads while the GPU works), besides the two hand-offs (HOP_LATENCY_S each).
 CPU_MOE_LAYER_OVERHEAD_S = 75e-6
+# ... and more on a many-channel workstation or server described by its rated RAM figure: each such layer is a
+# graph split that starts and joins llama.cpp's CPU threads, and a box with N memory channels runs some 4-8 N
+# cores over several dies, whose wake-ups and barriers cost more as there are more of them. Taken as proportional
+# to the rated figure above a desktop's (quad-channel DDR4 or dual-channel DDR5 at SPLIT_REFERENCE_BW): 75 us a
+# layer there, ~150 us on an 8-channel DDR4-3200 Threadripper, ~350 us on a 12-channel DDR5-4800 EPYC. That is
+# how a few GPU layers can make such a box slower than the CPU alone (per layer, more than the GPU saves).
+# Measured: RTX 4080 + 8-channel DDR4-3200, gpt-oss-120b with every expert on the CPU, 40 ms a token against
+# the 31 ms that 75 us a layer predicts (ik_llama.cpp PR 829). The probe path (this machine) keeps 75 us.
+SPLIT_REFERENCE_BW = 100e9
 DECODE_DEPTH = 1024  # decode speed is predicted at this many tokens of context (or n_ctx/2)
 # Prompt processing: llama.cpp computes weights that live in host memory on the GPU (copying them
 # over PCIe each batch) once the batch has at least this many tokens.
@@ -123,6 +132,15 @@ def cpu_decode_bandwidth(hw: Hardware) -> float:
     return hw.cpu_bandwidth * CPU_BW_EFFICIENCY
 
 
+def cpu_split_overhead(hw: Hardware) -> float:
+    """Seconds the CPU spends per layer whose experts it runs for a GPU (besides the reads): CPU_MOE_LAYER_OVERHEAD_S,
+    scaled up on a many-channel machine given by its rated RAM figure (see SPLIT_REFERENCE_BW)."""
+    cal = hw.calibration
+    if hw.cpu_bw_rated and not (cal is not None and cal.cpu_decode_eff):
+        return CPU_MOE_LAYER_OVERHEAD_S * max(1.0, hw.cpu_bandwidth / SPLIT_REFERENCE_BW)
+    return CPU_MOE_LAYER_OVERHEAD_S
+
+
 def _basis(hw: Hardware, device: str) -> str:
     """What a device's decode figures rest on: 'calibrated', 'measured' (the RAM probe) or 'rated'."""
     cal = hw.calibration
@@ -183,11 +201,12 @@ def decode_parts(summary: ModelSummary, placement: Placement, options: RunOption
             compute = n_seq * f / _device_speed(hw, dev, options.n_threads)[1]
             if compute > reads:
                 add(dev, WEIGHTS, compute - reads)
+    split_overhead = cpu_split_overhead(hw)
     for il in range(summary.n_layer):
         dev, e_dev = layer_dev[il], expert_dev.get(il, layer_dev[il])
         add(dev, LAYERS, GPU_LAYER_OVERHEAD_S if dev != CPU else CPU_LAYER_OVERHEAD_S)
         if e_dev == CPU and dev != CPU:  # the experts' ops run on the CPU between two hand-offs
-            add(CPU, LAYERS, CPU_MOE_LAYER_OVERHEAD_S)
+            add(CPU, LAYERS, split_overhead)
     handoffs = _handoffs(summary, layer_dev, expert_dev, hw, n_seq)
     if handoffs:
         parts[("", HANDOFFS)] = handoffs

@@ -154,7 +154,7 @@ def test_predictions_match_the_published_runs():
     as `fit --vram V --gpu-bw G --cpu-bw R --n-cpu-moe N` would: the median error at most 15%, three in
     four within 25%, and every measurement inside the predicted range."""
     rows = published.rows()
-    assert len(rows) >= 14 and sum(r["set"] == "seed" for r in rows) == 7
+    assert len(rows) >= 24 and sum(r["set"] == "seed" for r in rows) == 7
     errors, outside = [], []
     for row in rows:
         p = published.plan(row).predicted
@@ -174,6 +174,36 @@ def test_published_shapes_weigh_what_the_real_files_do():
     assert published.model("Qwen3-30B-A3B", "Q4_K_M").tensor_bytes == pytest.approx(18.557e9, rel=0.005)
     assert published.model("gpt-oss-20b", "MXFP4").tensor_bytes == pytest.approx(12.1e9, rel=0.01)
     assert published.model("gpt-oss-120b", "MXFP4").tensor_bytes == pytest.approx(63.4e9, rel=0.01)
+    # llama.cpp's load log of Unsloth's Qwen3-235B-A22B Q4_K_M: "model size = 132.386 GiB (4.837 BPW)"
+    assert published.model("Qwen3-235B-A22B", "Q4_K_M").tensor_bytes / GiB == pytest.approx(132.386, abs=0.01)
+
+
+def test_a_many_channel_box_pays_more_for_each_layer_its_cpu_runs_for_a_gpu():
+    """Each layer whose experts a many-channel machine's CPU runs for the GPU costs it more (more cores to start
+    and join over more dies), so there keeping attention on the GPU can be slower than the CPU alone; a desktop
+    and this machine's probe path keep CPU_MOE_LAYER_OVERHEAD_S."""
+    def row(ram: str, vram: str | None = "24GiB") -> dict:
+        return {"model": "Qwen3-30B-A3B", "quant": "Q4_K_M", "vram": vram, "gpu_bw_rated": "936GB/s",
+                "ram_bw_rated": ram, "ngl": 99, "n_cpu_moe": 48}
+
+    def split_cost(ram: str) -> float:
+        return speed.cpu_split_overhead(published.machine(row(ram)))
+
+    assert split_cost("64GB/s") == split_cost("96GB/s") == speed.CPU_MOE_LAYER_OVERHEAD_S
+    assert split_cost("204.8GB/s") == pytest.approx(2.048 * speed.CPU_MOE_LAYER_OVERHEAD_S)
+    assert split_cost("460.8GB/s") == pytest.approx(4.608 * speed.CPU_MOE_LAYER_OVERHEAD_S)
+    assert speed.cpu_split_overhead(cpu_machine(bw=460.8e9)) == speed.CPU_MOE_LAYER_OVERHEAD_S  # the probe's figure
+    # every one of the 48 layers is split: the CPU's fixed work is 48 of them
+    server = row("460.8GB/s")
+    parts = speed.decode_parts(published.model("Qwen3-30B-A3B", "Q4_K_M"), published.plan(server).placement,
+                               RunOptions(n_ctx=4096), published.machine(server))
+    assert parts[(CPU, speed.LAYERS)] == pytest.approx(48 * 4.608 * speed.CPU_MOE_LAYER_OVERHEAD_S)
+    # a 12-channel DDR5-4800 server: experts on the CPU behind a 24 GB GPU decode slower than the CPU alone ...
+    tps = {(ram, vram): published.plan(row(ram, vram)).predicted.decode_tps
+           for ram in ("460.8GB/s", "96GB/s") for vram in ("24GiB", None)}
+    assert tps[("460.8GB/s", "24GiB")] < tps[("460.8GB/s", None)]
+    # ... while on a dual-channel desktop the GPU helps
+    assert tps[("96GB/s", "24GiB")] > 1.3 * tps[("96GB/s", None)]
 
 
 def test_a_rated_figure_is_turned_into_achieved_bandwidth(q30b):
