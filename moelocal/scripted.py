@@ -480,7 +480,7 @@ def _spec(n_vocab: int):
 
     return replace(SPECS["glm4moe"], name="scripted", n_layer=2, n_embd=N_EMBD, n_head=N_HEAD, n_head_kv=N_HEAD,
                    head_dim=HEAD_DIM, n_ff=64, expert_ff=64, shared_ff=64, rope_dim=ROPE_DIM, nextn=0,
-                   n_vocab=n_vocab, rope_freq_base=ROPE_BASE)
+                   n_vocab=n_vocab, rope_freq_base=ROPE_BASE, expert_weights_scale=1.0)
 
 
 # ---- writing -----------------------------------------------------------------------------------
@@ -489,7 +489,9 @@ def _spec(n_vocab: int):
 def write_scripted(family: str | Family, models_dir: str | Path, path: str | Path) -> Path:
     """Write the scripted model of ``family`` ("qwen3" or "gpt-oss") to ``path``. ``models_dir`` is
     the vendored llama.cpp's ``models/`` (vocabularies and ``templates/``)."""
-    from gguf import ExpertGatingFuncType, GGUFWriter
+    from gguf import GGUFWriter
+
+    from moelocal import testmodels
 
     fam = FAMILIES[family] if isinstance(family, str) else family
     models_dir = Path(models_dir)
@@ -499,27 +501,7 @@ def write_scripted(family: str | Family, models_dir: str | Path, path: str | Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".partial")
     w = GGUFWriter(tmp, spec.arch)
-    w.add_name(f"moelocal scripted {fam.name}")
-    w.add_file_type(1)
-    w.add_context_length(spec.context_length)
-    w.add_embedding_length(spec.n_embd)
-    w.add_block_count(spec.n_layer)
-    w.add_feed_forward_length(spec.n_ff)
-    w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head_kv)
-    w.add_layer_norm_rms_eps(1e-6)
-    w.add_rope_freq_base(spec.rope_freq_base)
-    w.add_key_length(spec.head_dim)
-    w.add_value_length(spec.head_dim)
-    w.add_rope_dimension_count(spec.rope_dim)
-    w.add_expert_count(spec.n_expert)
-    w.add_expert_used_count(spec.n_expert_used)
-    w.add_expert_feed_forward_length(spec.expert_ff)
-    w.add_leading_dense_block_count(spec.leading_dense)
-    w.add_expert_shared_count(spec.n_expert_shared)
-    w.add_expert_weights_scale(1.0)
-    w.add_expert_weights_norm(True)
-    w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
+    testmodels._write_hparams(w, spec, "f16", name=f"moelocal scripted {fam.name}")
     v = d.vocab
     w.add_tokenizer_model(v.model)
     w.add_tokenizer_pre(v.pre)

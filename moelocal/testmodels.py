@@ -97,6 +97,7 @@ class Spec:
     context_length: int = 4096
     rope_freq_base: float = 10000.0
     tokenizer_pre: str = "default"
+    expert_weights_scale: float = 2.5  # deepseek2 / glm4moe: the routed experts' output scale
 
     @property
     def is_moe(self) -> bool:
@@ -416,9 +417,27 @@ def write_header_only(spec: Spec, path: str | os.PathLike[str], qtype: str = "q8
 
 
 def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
+    _write_hparams(w, spec, dtype)
+    tokens, types, merges = vocabulary()
+    pad = max(0, spec.n_vocab - len(tokens))  # a real-sized vocabulary (write_header_only): filler tokens
+    w.add_tokenizer_model("gpt2")
+    w.add_tokenizer_pre(spec.tokenizer_pre)
+    w.add_token_list(list(tokens) + [f"<|filler_{i}|>" for i in range(pad)])
+    w.add_token_types(list(types) + [_TOKEN_NORMAL] * pad)
+    w.add_token_merges(list(merges))
+    w.add_bos_token_id(special_token_id("<|endoftext|>"))
+    w.add_eos_token_id(special_token_id("<|im_end|>"))
+    w.add_pad_token_id(special_token_id("<|endoftext|>"))
+    w.add_add_bos_token(False)
+    w.add_chat_template(CHATML_TEMPLATE)
+
+
+def _write_hparams(w: Any, spec: Spec, dtype: str, name: str | None = None) -> None:
+    """The hyperparameter keys of ``spec``'s architecture (everything but the tokenizer); also what
+    moelocal.scripted writes under its own vocabulary."""
     from gguf import ExpertGatingFuncType
 
-    w.add_name(f"moelocal test {spec.name}")
+    w.add_name(name or f"moelocal test {spec.name}")
     w.add_file_type(1 if dtype == "f16" else 0)  # llama_ftype: MOSTLY_F16 / ALL_F32
     w.add_context_length(spec.context_length)
     w.add_embedding_length(spec.n_embd)
@@ -468,23 +487,11 @@ def _write_metadata(w: Any, spec: Spec, dtype: str) -> None:
     if spec.arch in ("deepseek2", "glm4moe"):
         w.add_leading_dense_block_count(spec.leading_dense)
         w.add_expert_shared_count(spec.n_expert_shared)
-        w.add_expert_weights_scale(2.5)
+        w.add_expert_weights_scale(spec.expert_weights_scale)
         w.add_expert_weights_norm(True)
         w.add_expert_gating_func(ExpertGatingFuncType.SIGMOID)
     if spec.sliding_window:
         w.add_sliding_window(spec.sliding_window)
-    tokens, types, merges = vocabulary()
-    pad = max(0, spec.n_vocab - len(tokens))  # a real-sized vocabulary (write_header_only): filler tokens
-    w.add_tokenizer_model("gpt2")
-    w.add_tokenizer_pre(spec.tokenizer_pre)
-    w.add_token_list(list(tokens) + [f"<|filler_{i}|>" for i in range(pad)])
-    w.add_token_types(list(types) + [_TOKEN_NORMAL] * pad)
-    w.add_token_merges(list(merges))
-    w.add_bos_token_id(special_token_id("<|endoftext|>"))
-    w.add_eos_token_id(special_token_id("<|im_end|>"))
-    w.add_pad_token_id(special_token_id("<|endoftext|>"))
-    w.add_add_bos_token(False)
-    w.add_chat_template(CHATML_TEMPLATE)
 
 
 def _spec(arch: str | Spec) -> Spec:
