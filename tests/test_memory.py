@@ -11,13 +11,12 @@ real-sized synthetic summaries.
 
 from __future__ import annotations
 
-import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from dataclasses import replace
 
 import pytest
+from loopback import rpc_worker
 from synthetic import qwen3moe_summary
 
 from moelocal import layout, memory
@@ -213,33 +212,15 @@ def test_mtp_layers_that_llama_cpp_leaves_out_take_no_memory(tmp_path):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Iterator[dict[str, int]]:
     """llama.cpp's RPC server for this machine's CPU on loopback, connected: {"rpc0": ggml device}."""
-    import socket
-
     from moelocal import native
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    serve = ("from moelocal import native; native.llama().llama_backend_init(); "
-             f"native.rpc_start_server('127.0.0.1:{port}', [native.device_handle('cpu')], 1)")
-    err = open(tmp_path_factory.mktemp("worker") / "err", "w+")  # noqa: SIM115  closed below
-    proc = subprocess.Popen([sys.executable, "-c", serve], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while True:  # llama.cpp aborts the process if it connects to nothing: wait until it listens
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err.seek(0)
-                    pytest.fail(f"the RPC worker did not start: {err.read()[-2000:]}")
-                time.sleep(0.1)
-        yield {"rpc0": native.rpc_add_server(f"127.0.0.1:{port}")[0]}
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        err.close()
+    def argv(port: int) -> list[str]:
+        serve = ("from moelocal import native; native.llama().llama_backend_init(); "
+                 f"native.rpc_start_server('127.0.0.1:{port}', [native.device_handle('cpu')], 1)")
+        return [sys.executable, "-c", serve]
+
+    with rpc_worker(argv, tmp_path_factory.mktemp("worker")) as endpoint:
+        yield {"rpc0": native.rpc_add_server(endpoint)[0]}
 
 
 def offloads(summary) -> list[Placement]:

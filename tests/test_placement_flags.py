@@ -10,11 +10,11 @@ from __future__ import annotations
 
 import json
 import re
-import subprocess
 import sys
 from collections.abc import Iterator
 
 import pytest
+from loopback import rpc_worker
 from synthetic import qwen3moe_summary
 from typer.testing import CliRunner
 
@@ -144,32 +144,11 @@ def test_run_commands_take_ot_and_build_that_placement(models):
 @pytest.fixture(scope="module")
 def worker(tmp_path_factory) -> Iterator[tuple[str, dict[str, int]]]:
     """A `moelocal worker` serving the CPU on loopback, connected in this process as rpc0."""
-    import socket
-    import time
+    def argv(port: int) -> list[str]:
+        return [sys.executable, "-m", "moelocal", "worker", "--port", str(port), "--device", "CPU", "--threads", "1"]
 
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    err = open(tmp_path_factory.mktemp("worker") / "err", "w+")  # noqa: SIM115
-    proc = subprocess.Popen([sys.executable, "-m", "moelocal", "worker", "--port", str(port), "--device", "CPU",
-                             "--threads", "1"], stdout=subprocess.DEVNULL, stderr=err)
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
-            except OSError:
-                if proc.poll() is not None or time.monotonic() > deadline:
-                    err.seek(0)
-                    pytest.fail(f"the RPC worker did not start: {err.read()[-2000:]}")
-                time.sleep(0.1)
-        endpoint = f"127.0.0.1:{port}"
+    with rpc_worker(argv, tmp_path_factory.mktemp("worker")) as endpoint:
         yield endpoint, {"rpc0": native.rpc_add_server(endpoint)[0]}
-    finally:
-        proc.kill()
-        proc.wait(timeout=10)
-        err.close()
 
 
 @pytest.mark.parametrize("arch", ["qwen3moe", "deepseek2"])
